@@ -1,0 +1,146 @@
+//! The CPU backend: candle CPU tensors, packed f32 linears, and the fused CPU kernels of
+//! `candle-ascend-ops`.
+
+use super::{Backend, StepPlan};
+use candle_ascend_ops as ops;
+use candle_core::{DType, Device, IndexOp, Result, Tensor, bail};
+
+/// Runs the decoder on the host CPU in f32 (default), f16 or bf16.
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    dtype: DType,
+}
+
+impl CpuBackend {
+    pub fn new(dtype: DType) -> Result<Self> {
+        match dtype {
+            DType::F32 | DType::F16 | DType::BF16 => Ok(Self { dtype }),
+            other => bail!("cpu backend: unsupported activation dtype {other:?} (use f32, f16 or bf16)"),
+        }
+    }
+}
+
+/// One layer's fixed K and V caches, `[batch, capacity, kv_heads, head_dim]` each.
+#[derive(Debug)]
+pub struct CpuKvCache {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+impl Backend for CpuBackend {
+    type Tensor = Tensor;
+    type Linear = ops::PackedLinear;
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn upload(&self, host: &Tensor) -> Result<Tensor> {
+        host.to_device(&Device::Cpu)?.to_dtype(self.dtype)?.contiguous()
+    }
+
+    fn prepare_linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Self::Linear> {
+        ops::PackedLinear::new(weight, bias)
+    }
+
+    fn new_kv_cache(&self, batch: usize, capacity: usize, kv_heads: usize, head_dim: usize) -> Result<CpuKvCache> {
+        let shape = (batch, capacity, kv_heads, head_dim);
+        Ok(CpuKvCache { k: Tensor::zeros(shape, self.dtype, &Device::Cpu)?, v: Tensor::zeros(shape, self.dtype, &Device::Cpu)? })
+    }
+
+    fn gather_rows(&self, table: &Tensor, ids: &[u32], batch: usize, seq: usize) -> Result<Tensor> {
+        if ids.len() != batch * seq {
+            bail!("gather_rows: {} ids for a [{batch}, {seq}] step", ids.len());
+        }
+        let rows = table.dim(0)?;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= rows) {
+            bail!("token id {bad} is outside the vocabulary of {rows} entries");
+        }
+        let idx = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+        table.index_select(&idx, 0)?.reshape((batch, seq, table.dim(1)?))
+    }
+
+    fn linear(&self, x: &Tensor, w: &Self::Linear) -> Result<Tensor> {
+        w.forward(x)
+    }
+
+    fn rms_norm(&self, x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
+        ops::rms_norm(x, gamma, eps)
+    }
+
+    fn add_rms_norm(&self, x: &Tensor, residual: &Tensor, gamma: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+        ops::add_rms_norm(x, residual, gamma, eps)
+    }
+
+    fn split_qkv(&self, qkv: &Tensor, nq: usize, nkv: usize, head_dim: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = qkv.dims3()?;
+        let heads = qkv.reshape((b, s, nq + 2 * nkv, head_dim))?;
+        Ok((heads.narrow(2, 0, nq)?, heads.narrow(2, nq, nkv)?, heads.narrow(2, nq + nkv, nkv)?))
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        ops::rope(x, cos, sin)
+    }
+
+    fn kv_write(&self, cache: &mut CpuKvCache, k: &Tensor, v: &Tensor, plan: &StepPlan<'_>) -> Result<()> {
+        ops::kv_write(&batch_view(&cache.k, plan.batch)?, k, plan.start)?;
+        ops::kv_write(&batch_view(&cache.v, plan.batch)?, v, plan.start)
+    }
+
+    fn attention(&self, q: &Tensor, cache: &CpuKvCache, plan: &StepPlan<'_>, scale: f32) -> Result<Tensor> {
+        let (b, s, nq, d) = q.dims4()?;
+        let (k_cache, v_cache) = (batch_view(&cache.k, b)?, batch_view(&cache.v, b)?);
+        let out = if plan.is_decode() {
+            let kv_lens: Vec<usize> = plan.start.iter().zip(plan.lens).map(|(p, l)| p + l).collect();
+            ops::decode_attention(q, &k_cache, &v_cache, &kv_lens, scale)?
+        } else {
+            ops::prompt_attention(q, &k_cache, &v_cache, plan.start, plan.lens, scale)?
+        };
+        out.reshape((b, s, nq * d))
+    }
+
+    fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
+        ops::swiglu(x)
+    }
+
+    fn select_positions(&self, x: &Tensor, index: &[usize]) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        if index.len() != b || index.iter().any(|&i| i >= s) {
+            bail!("select_positions: indices {index:?} do not fit a [{b}, {s}, _] tensor");
+        }
+        if s == 1 {
+            return Ok(x.clone());
+        }
+        let rows: Vec<Tensor> = index.iter().enumerate().map(|(bi, &i)| x.i((bi..bi + 1, i..i + 1))).collect::<Result<_>>()?;
+        Tensor::cat(&rows, 0)
+    }
+
+    fn to_host_f32(&self, x: &Tensor) -> Result<Tensor> {
+        x.to_dtype(DType::F32)
+    }
+
+    fn kv_cache_id(&self, cache: &CpuKvCache) -> usize {
+        let (storage, _) = cache.k.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().map(|s| s.as_ptr() as usize).unwrap_or_else(|_| {
+                // f16/bf16 caches: identity of the typed slice.
+                match cpu {
+                    candle_core::CpuStorage::F16(v) => v.as_ptr() as usize,
+                    candle_core::CpuStorage::BF16(v) => v.as_ptr() as usize,
+                    _ => 0,
+                }
+            }),
+            _ => 0,
+        }
+    }
+}
+
+/// The first `batch` sequences of a cache (a contiguous prefix view, same storage).
+fn batch_view(cache: &Tensor, batch: usize) -> Result<Tensor> {
+    if cache.dim(0)? == batch { Ok(cache.clone()) } else { cache.narrow(0, 0, batch) }
+}

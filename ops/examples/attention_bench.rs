@@ -1,0 +1,79 @@
+//! Speed of the fused CPU attention ops against the f32 candle-op reference (the peer measured
+//! in the same run), on 1 and 2 rayon threads. Medians over repeated calls after a warm-up.
+//!
+//! `cargo run --release -p candle-ascend-ops --example attention_bench`
+
+use std::time::{Duration, Instant};
+
+use candle_ascend_ops::testing::Rng;
+use candle_core::{DType, Result, Tensor};
+
+fn median(mut f: impl FnMut() -> Result<Tensor>, reps: usize) -> Result<Duration> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f()?;
+        times.push(t0.elapsed());
+    }
+    times.sort();
+    Ok(times[reps / 2])
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() -> Result<()> {
+    let mut rng = Rng::seeded(42);
+    let (heads, kv_heads, d) = (9, 3, 64);
+    let scale = 1.0 / (d as f32).sqrt();
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        pool.install(|| -> Result<()> {
+            for dtype in [DType::F32, DType::F16] {
+                // Prefill: B=1, S=512, 9/3 heads, D=64, causal over 512 keys.
+                let s = 512;
+                let q = rng.tensor(&[1, s, heads, d], -2.0, 2.0, dtype)?;
+                let k = rng.tensor(&[1, s, kv_heads, d], -2.0, 2.0, dtype)?;
+                let v = rng.tensor(&[1, s, kv_heads, d], -1.0, 1.0, dtype)?;
+                let fused = median(|| candle_ascend_ops::prompt_attention(&q, &k, &v, &[0], &[s], scale), 21)?;
+                let peer = median(|| candle_ascend_ops::prompt_attention_reference(&q, &k, &v, &[0], &[s], scale), 7)?;
+                // Causal: QK^T and PV each cost D MACs per (query, visible key, head).
+                let flops = 4.0 * (d * heads) as f64 * (s * (s + 1) / 2) as f64;
+                println!(
+                    "threads={threads} {dtype:?} prompt B=1 S=512 9/3 D=64: fused {:.3} ms ({:.1} GFLOP/s), reference {:.3} ms, speed-up x{:.1}",
+                    ms(fused),
+                    flops / fused.as_secs_f64() / 1e9,
+                    ms(peer),
+                    peer.as_secs_f64() / fused.as_secs_f64()
+                );
+                // Decode: kv_len 512 in a 2048-slot cache.
+                for batch in [1, 4] {
+                    let (capacity, kv_len) = (2048, 512);
+                    let q = rng.tensor(&[batch, 1, heads, d], -2.0, 2.0, dtype)?;
+                    let k = rng.tensor(&[batch, capacity, kv_heads, d], -2.0, 2.0, dtype)?;
+                    let v = rng.tensor(&[batch, capacity, kv_heads, d], -1.0, 1.0, dtype)?;
+                    let lens = vec![kv_len; batch];
+                    let fused = median(|| candle_ascend_ops::decode_attention(&q, &k, &v, &lens, scale), 201)?;
+                    let peer = median(|| candle_ascend_ops::decode_attention_reference(&q, &k, &v, &lens, scale), 21)?;
+                    let bytes = (2 * batch * kv_len * kv_heads * d * dtype.size_in_bytes()) as f64;
+                    println!(
+                        "threads={threads} {dtype:?} decode B={batch} kv_len=512 9/3 D=64: fused {:.1} us ({:.1} GB/s of K+V), reference {:.1} us, speed-up x{:.1}",
+                        fused.as_secs_f64() * 1e6,
+                        bytes / fused.as_secs_f64() / 1e9,
+                        peer.as_secs_f64() * 1e6,
+                        peer.as_secs_f64() / fused.as_secs_f64()
+                    );
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}

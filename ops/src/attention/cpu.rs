@@ -1,0 +1,542 @@
+//! CPU drivers of the attention ops: tiling, threading (rayon) and storage dtypes. The
+//! arithmetic lives in the micro-kernels of `kernels.rs`; everything here is f32 scratch.
+//!
+//! Prefill: keys of each (sequence, kv head) are packed once into an f32 transposed block
+//! `[D, n]` (and values into f32 `[n, D]` when the cache is not f32). Tasks are
+//! (sequence, kv head, query block); a task owns the rows of all query heads of its kv group
+//! for a block of positions, walks the keys in blocks of [`KEY_BLOCK`] and, for every group of
+//! up to 4 rows, computes a score tile, updates the online softmax and accumulates P V. Each K/V
+//! block is thus reused from cache by every row of the task.
+//!
+//! Decode: tasks are (sequence, kv head, key chunk); each produces a partial (max, sum,
+//! accumulator) per query head and a final pass merges the partials of a (sequence, kv head).
+
+use candle_core::{Device, Layout, Result, Tensor};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::AttentionDims;
+use super::kernels::{Isa, Kernels, Portable};
+use crate::host::{Element, num_threads, rows_layout, tensor_from_vec, with_slice};
+
+/// Keys per block: a transposed K block and a V block of 64 x 64 f32 fit in L1 together.
+const KEY_BLOCK: usize = 64;
+/// Query rows (positions x heads of one kv group) a prefill task aims for.
+const PROMPT_ROWS_PER_TASK: usize = 96;
+/// Shortest key chunk a decode task gets; below it task and merge overhead dominate.
+const DECODE_MIN_CHUNK: usize = 256;
+
+/// Storage elements the attention kernels read: conversion of a row to f32, and direct
+/// access when the storage already is f32.
+pub(crate) trait KvElement: Element {
+    fn load_f32(src: &[Self], dst: &mut [f32]);
+    fn as_f32(src: &[Self]) -> Option<&[f32]>;
+}
+
+impl KvElement for f32 {
+    fn load_f32(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        Some(src)
+    }
+}
+
+impl KvElement for f16 {
+    fn load_f32(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+}
+
+impl KvElement for bf16 {
+    fn load_f32(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// A rank-4 view whose last dimension is contiguous: element `(a, b, c, t)` is at
+/// `offset + a*stride[0] + b*stride[1] + c*stride[2] + t` of the storage slice.
+#[derive(Debug, Clone, Copy)]
+struct View4 {
+    offset: usize,
+    stride: [usize; 3],
+}
+
+impl View4 {
+    fn new(layout: &Layout, op: &'static str, name: &str) -> Result<Self> {
+        let (offset, stride) = rows_layout(layout, op, name)?;
+        Ok(Self { offset, stride: [stride[0], stride[1], stride[2]] })
+    }
+
+    /// Storage offset of row `(a, b, c)`.
+    fn row(&self, a: usize, b: usize, c: usize) -> usize {
+        self.offset + a * self.stride[0] + b * self.stride[1] + c * self.stride[2]
+    }
+}
+
+/// Storage slices and views of one call.
+struct Inputs<'a, T> {
+    q: &'a [T],
+    q_view: View4,
+    k: &'a [T],
+    k_view: View4,
+    v: &'a [T],
+    v_view: View4,
+    dims: AttentionDims,
+    scale: f32,
+}
+
+impl<T: KvElement> Inputs<'_, T> {
+    /// Query rows of heads `head0 .. head0 + n` at (b, i), scaled, into `dst` (`n * D`).
+    fn load_scaled_q(&self, b: usize, i: usize, head0: usize, dst: &mut [f32]) {
+        let d = self.dims.head_dim;
+        for (hh, row) in dst.chunks_exact_mut(d).enumerate() {
+            T::load_f32(&self.q[self.q_view.row(b, i, head0 + hh)..][..d], row);
+            row.iter_mut().for_each(|x| *x *= self.scale);
+        }
+    }
+}
+
+/// Runs `f` with the typed storage of q, k and v, and the kernels of `isa`.
+fn with_inputs<T: KvElement, R>(
+    op: &'static str,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    dims: &AttentionDims,
+    scale: f32,
+    f: impl FnOnce(&Inputs<'_, T>) -> Result<R>,
+) -> Result<R> {
+    with_slice::<T, _>(q, op, |qs, ql| {
+        with_slice::<T, _>(k, op, |ks, kl| {
+            with_slice::<T, _>(v, op, |vs, vl| {
+                let inputs = Inputs {
+                    q: qs,
+                    q_view: View4::new(ql, op, "q")?,
+                    k: ks,
+                    k_view: View4::new(kl, op, "k_cache")?,
+                    v: vs,
+                    v_view: View4::new(vl, op, "v_cache")?,
+                    dims: *dims,
+                    scale,
+                };
+                f(&inputs)
+            })
+        })
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn prompt_attention(
+    isa: Isa,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_start: &[usize],
+    q_lens: &[usize],
+    scale: f32,
+    dims: &AttentionDims,
+) -> Result<Tensor> {
+    const OP: &str = "prompt_attention";
+    let shape = [dims.batch, dims.q_rows, dims.heads, dims.head_dim];
+    if shape.contains(&0) {
+        return Tensor::zeros(&shape, dims.dtype, &Device::Cpu);
+    }
+    crate::dispatch_float!(dims.dtype, OP, T => {
+        with_inputs::<T, _>(OP, (q, k, v), dims, scale, |inputs| {
+            let out = match isa {
+                Isa::Portable => prompt_run(Portable, inputs, q_start, q_lens),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512(simd) => prompt_run(simd, inputs, q_start, q_lens),
+            };
+            tensor_from_vec(out, &shape)
+        })
+    })
+}
+
+/// The keys and values of one (sequence, kv head) as f32 tiles.
+struct PackedKv {
+    /// Keys transposed, `[D, padded]`, zero beyond the live keys.
+    kt: Vec<f32>,
+    /// Row stride of `kt`: the key count rounded up to [`KEY_BLOCK`].
+    padded: usize,
+    /// Values `[n, D]` when the cache is not f32 (f32 caches are read in place).
+    v: Vec<f32>,
+}
+
+fn pack_kv<T: KvElement>(inp: &Inputs<'_, T>, b: usize, g: usize, n: usize) -> PackedKv {
+    let d = inp.dims.head_dim;
+    let padded = n.next_multiple_of(KEY_BLOCK);
+    let mut kt = vec![0f32; d * padded];
+    // 16 keys at a time so the transposed stores are 16 contiguous floats.
+    let mut rows = vec![0f32; 16 * d];
+    for j0 in (0..n).step_by(16) {
+        let cnt = (n - j0).min(16);
+        for (jj, row) in rows.chunks_exact_mut(d).take(cnt).enumerate() {
+            T::load_f32(&inp.k[inp.k_view.row(b, j0 + jj, g)..][..d], row);
+        }
+        for t in 0..d {
+            let dst = &mut kt[t * padded + j0..t * padded + j0 + cnt];
+            for (jj, x) in dst.iter_mut().enumerate() {
+                *x = rows[jj * d + t];
+            }
+        }
+    }
+    let v = if T::as_f32(inp.v).is_some() {
+        Vec::new()
+    } else {
+        let mut v = vec![0f32; n * d];
+        for (j, row) in v.chunks_exact_mut(d).enumerate() {
+            T::load_f32(&inp.v[inp.v_view.row(b, j, g)..][..d], row);
+        }
+        v
+    };
+    PackedKv { kt, padded, v }
+}
+
+/// A prefill task: query positions `i0 .. i1` (all below `q_lens[b]`) of sequence `b`, all
+/// query heads of kv head `g`.
+#[derive(Debug, Clone, Copy)]
+struct PromptTask {
+    b: usize,
+    g: usize,
+    i0: usize,
+    i1: usize,
+}
+
+fn prompt_run<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, q_start: &[usize], q_lens: &[usize]) -> Vec<T> {
+    let AttentionDims { batch, q_rows, heads, kv_heads, head_dim: d, .. } = inp.dims;
+    let group = heads / kv_heads;
+
+    let pairs: Vec<(usize, usize)> = (0..batch).flat_map(|b| (0..kv_heads).map(move |g| (b, g))).collect();
+    let packed: Vec<PackedKv> = pairs
+        .par_iter()
+        .map(|&(b, g)| {
+            let n = if q_lens[b] == 0 { 0 } else { q_start[b] + q_lens[b] };
+            pack_kv(inp, b, g, n)
+        })
+        .collect();
+
+    // Query block: about PROMPT_ROWS_PER_TASK rows, smaller while there are too few tasks to
+    // keep every thread busy (the causal mask makes tasks uneven, so aim for 4 per thread).
+    let mut block = (PROMPT_ROWS_PER_TASK / group).clamp(4, 64);
+    let task_count = |block: usize| q_lens.iter().map(|&len| len.div_ceil(block)).sum::<usize>() * kv_heads;
+    while block > 4 && task_count(block) < 4 * num_threads() {
+        block /= 2;
+    }
+
+    let mut first_task = Vec::with_capacity(batch * kv_heads);
+    let mut tasks = Vec::new();
+    for (b, &len) in q_lens.iter().enumerate() {
+        for g in 0..kv_heads {
+            first_task.push(tasks.len());
+            for i0 in (0..len).step_by(block) {
+                tasks.push(PromptTask { b, g, i0, i1: (i0 + block).min(len) });
+            }
+        }
+    }
+
+    // Hand each task the output rows it owns: for (b, i) the heads of group g are one
+    // contiguous run of `group * d` values. Padding rows are never handed out and stay zero.
+    let mut out = vec![T::from_f32(0.0); batch * q_rows * heads * d];
+    let mut task_rows: Vec<Vec<&mut [T]>> = tasks.iter().map(|t| Vec::with_capacity(t.i1 - t.i0)).collect();
+    for (index, run) in out.chunks_exact_mut(group * d).enumerate() {
+        let (g, i, b) = (index % kv_heads, (index / kv_heads) % q_rows, index / (kv_heads * q_rows));
+        if i < q_lens[b] {
+            task_rows[first_task[b * kv_heads + g] + i / block].push(run);
+        }
+    }
+    tasks.par_iter().zip(task_rows.into_par_iter()).for_each(|(task, rows)| {
+        prompt_task(kern, inp, &packed[task.b * kv_heads + task.g], q_start[task.b], task, rows);
+    });
+    out
+}
+
+fn prompt_task<T: KvElement, K: Kernels>(
+    kern: K,
+    inp: &Inputs<'_, T>,
+    packed: &PackedKv,
+    start: usize,
+    task: &PromptTask,
+    mut out_rows: Vec<&mut [T]>,
+) {
+    let d = inp.dims.head_dim;
+    let group = inp.dims.heads / inp.dims.kv_heads;
+    // Row r is query position i0 + r / group, head g * group + r % group.
+    let n_rows = (task.i1 - task.i0) * group;
+    let mut q = vec![0f32; n_rows * d];
+    for (qi, rows) in q.chunks_exact_mut(group * d).enumerate() {
+        inp.load_scaled_q(task.b, task.i0 + qi, task.g * group, rows);
+    }
+    let visible = |r: usize| start + task.i0 + r / group + 1;
+    let n_keys = start + task.i1;
+
+    let (v_rows, ldv): (&[f32], usize) = match T::as_f32(inp.v) {
+        Some(v) => (&v[inp.v_view.row(task.b, 0, task.g)..], inp.v_view.stride[1]),
+        None => (&packed.v, d),
+    };
+    let mut acc = vec![0f32; n_rows * d];
+    let mut m = vec![f32::NEG_INFINITY; n_rows];
+    let mut l = vec![0f32; n_rows];
+    let mut s = vec![0f32; 4 * KEY_BLOCK];
+    for j0 in (0..n_keys).step_by(KEY_BLOCK) {
+        let kt = &packed.kt[j0..];
+        let v_block = &v_rows[j0 * ldv..];
+        for r0 in (0..n_rows).step_by(4) {
+            let rows = (n_rows - r0).min(4);
+            let valid = |r: usize| visible(r).saturating_sub(j0).min(KEY_BLOCK);
+            // Rows are in position order, so the tile's last row sees the most keys.
+            let live = valid(r0 + rows - 1);
+            if live == 0 {
+                // Earlier positions than this key block: later tiles may still see it.
+                continue;
+            }
+            kern.scores(rows, &q[r0 * d..], d, kt, packed.padded, live.next_multiple_of(16), &mut s, KEY_BLOCK);
+            let mut corr = [1f32; 4];
+            for (rr, c) in corr.iter_mut().enumerate().take(rows) {
+                let row = &mut s[rr * KEY_BLOCK..rr * KEY_BLOCK + live];
+                *c = kern.softmax_block(row, valid(r0 + rr), &mut m[r0 + rr], &mut l[r0 + rr]);
+            }
+            kern.pv(rows, &s, KEY_BLOCK, live, v_block, ldv, d, &corr, &mut acc[r0 * d..]);
+        }
+    }
+    for (qi, dst) in out_rows.iter_mut().enumerate() {
+        for hh in 0..group {
+            let r = qi * group + hh;
+            let inv = 1.0 / l[r];
+            for (o, &a) in dst[hh * d..(hh + 1) * d].iter_mut().zip(&acc[r * d..(r + 1) * d]) {
+                *o = T::from_f32(a * inv);
+            }
+        }
+    }
+}
+
+/// `chunk_keys` overrides the key-chunk length of the split (tests); `None` picks it from the
+/// work size and the rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn decode_attention(
+    isa: Isa,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kv_lens: &[usize],
+    scale: f32,
+    dims: &AttentionDims,
+    chunk_keys: Option<usize>,
+) -> Result<Tensor> {
+    const OP: &str = "decode_attention";
+    let shape = [dims.batch, 1, dims.heads, dims.head_dim];
+    if shape.contains(&0) {
+        return Tensor::zeros(&shape, dims.dtype, &Device::Cpu);
+    }
+    let chunk = chunk_keys.unwrap_or_else(|| decode_chunk_len(kv_lens, dims.kv_heads, num_threads())).max(1);
+    crate::dispatch_float!(dims.dtype, OP, T => {
+        with_inputs::<T, _>(OP, (q, k, v), dims, scale, |inputs| {
+            let out = match isa {
+                Isa::Portable => decode_run(Portable, inputs, kv_lens, chunk),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512(simd) => decode_run(simd, inputs, kv_lens, chunk),
+            };
+            tensor_from_vec(out, &shape)
+        })
+    })
+}
+
+/// Key-chunk length for decode: one chunk per (sequence, kv head) on one thread; otherwise
+/// about 4 tasks per thread, chunks of at least [`DECODE_MIN_CHUNK`] keys.
+fn decode_chunk_len(kv_lens: &[usize], kv_heads: usize, threads: usize) -> usize {
+    if threads <= 1 {
+        return usize::MAX;
+    }
+    let total = kv_lens.iter().sum::<usize>() * kv_heads;
+    total.div_ceil(4 * threads).max(DECODE_MIN_CHUNK).next_multiple_of(KEY_BLOCK)
+}
+
+/// A decode task: keys `c0 .. c1` of sequence `b`, all query heads of kv head `g`.
+#[derive(Debug, Clone, Copy)]
+struct DecodeTask {
+    b: usize,
+    g: usize,
+    c0: usize,
+    c1: usize,
+}
+
+fn decode_run<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, kv_lens: &[usize], chunk: usize) -> Vec<T> {
+    let AttentionDims { batch, heads, kv_heads, head_dim: d, .. } = inp.dims;
+    let group = heads / kv_heads;
+    let mut first_task = Vec::with_capacity(batch * kv_heads + 1);
+    let mut tasks = Vec::new();
+    for (b, &len) in kv_lens.iter().enumerate() {
+        for g in 0..kv_heads {
+            first_task.push(tasks.len());
+            for c0 in (0..len).step_by(chunk) {
+                tasks.push(DecodeTask { b, g, c0, c1: c0.saturating_add(chunk).min(len) });
+            }
+        }
+    }
+    first_task.push(tasks.len());
+
+    // Partial per task: accumulators [group, d], then the running max and sum per head.
+    let slot = group * (d + 2);
+    let mut partials = vec![0f32; tasks.len() * slot];
+    partials.par_chunks_mut(slot).zip(tasks.par_iter()).for_each(|(part, task)| decode_task(kern, inp, task, part));
+
+    let mut out = vec![T::from_f32(0.0); batch * heads * d];
+    let mut merged = vec![0f32; d];
+    for (bg, dst) in out.chunks_exact_mut(group * d).enumerate() {
+        let parts = &partials[first_task[bg] * slot..first_task[bg + 1] * slot];
+        for h in 0..group {
+            let max = parts.chunks_exact(slot).map(|p| p[group * d + h]).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            merged.fill(0.0);
+            for p in parts.chunks_exact(slot) {
+                let w = (p[group * d + h] - max).exp();
+                sum += p[group * d + group + h] * w;
+                for (o, &a) in merged.iter_mut().zip(&p[h * d..(h + 1) * d]) {
+                    *o += w * a;
+                }
+            }
+            let inv = 1.0 / sum;
+            for (o, &a) in dst[h * d..(h + 1) * d].iter_mut().zip(&merged) {
+                *o = T::from_f32(a * inv);
+            }
+        }
+    }
+    out
+}
+
+fn decode_task<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, task: &DecodeTask, part: &mut [f32]) {
+    let d = inp.dims.head_dim;
+    let group = inp.dims.heads / inp.dims.kv_heads;
+    let (acc, stats) = part.split_at_mut(group * d);
+    let (m, l) = stats.split_at_mut(group);
+    m.fill(f32::NEG_INFINITY);
+    let mut q = vec![0f32; group * d];
+    inp.load_scaled_q(task.b, 0, task.g * group, &mut q);
+
+    let direct_k = T::as_f32(inp.k).map(|k| (&k[inp.k_view.row(task.b, 0, task.g)..], inp.k_view.stride[1]));
+    let direct_v = T::as_f32(inp.v).map(|v| (&v[inp.v_view.row(task.b, 0, task.g)..], inp.v_view.stride[1]));
+    let scratch = if direct_k.is_some() { 0 } else { KEY_BLOCK * d };
+    let (mut k_block, mut v_block) = (vec![0f32; scratch], vec![0f32; scratch]);
+    let mut s = vec![0f32; group * KEY_BLOCK];
+    let mut corr = vec![1f32; group];
+    for j0 in (task.c0..task.c1).step_by(KEY_BLOCK) {
+        let n = (task.c1 - j0).min(KEY_BLOCK);
+        let (keys, ldk) = match direct_k {
+            Some((k, ldk)) => (&k[j0 * ldk..], ldk),
+            None => {
+                load_rows(inp.k, &inp.k_view, task.b, task.g, j0, n, d, &mut k_block);
+                (&k_block[..], d)
+            }
+        };
+        for r0 in (0..group).step_by(4) {
+            let rows = (group - r0).min(4);
+            kern.dot(rows, &q[r0 * d..], d, keys, ldk, n, &mut s[r0 * KEY_BLOCK..], KEY_BLOCK);
+        }
+        for (h, c) in corr.iter_mut().enumerate() {
+            *c = kern.softmax_block(&mut s[h * KEY_BLOCK..h * KEY_BLOCK + n], n, &mut m[h], &mut l[h]);
+        }
+        let (values, ldv) = match direct_v {
+            Some((v, ldv)) => (&v[j0 * ldv..], ldv),
+            None => {
+                load_rows(inp.v, &inp.v_view, task.b, task.g, j0, n, d, &mut v_block);
+                (&v_block[..], d)
+            }
+        };
+        for r0 in (0..group).step_by(4) {
+            let rows = (group - r0).min(4);
+            kern.pv(rows, &s[r0 * KEY_BLOCK..], KEY_BLOCK, n, values, ldv, d, &corr[r0..], &mut acc[r0 * d..]);
+        }
+    }
+}
+
+/// Rows `j0 .. j0 + n` of kv head `g` of sequence `b`, converted to f32 `[n, d]`.
+#[allow(clippy::too_many_arguments)]
+fn load_rows<T: KvElement>(src: &[T], view: &View4, b: usize, g: usize, j0: usize, n: usize, d: usize, dst: &mut [f32]) {
+    for (j, row) in dst.chunks_exact_mut(d).take(n).enumerate() {
+        T::load_f32(&src[view.row(b, j0 + j, g)..][..d], row);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The portable kernels and the decode chunk split, which the public entry points only
+    //! reach on CPUs without AVX-512 or with a multi-threaded pool; here they are forced.
+
+    use super::*;
+    use crate::attention::{
+        decode_attention_reference, prompt_attention_reference, validate_decode, validate_prompt,
+    };
+    use crate::testing::{Rng, Tolerance, assert_close, case_id};
+    use candle_core::DType;
+
+    fn isas(head_dim: usize) -> Vec<(&'static str, Isa)> {
+        let mut all = vec![("portable", Isa::Portable)];
+        let simd = Isa::detect(head_dim);
+        if !matches!(simd, Isa::Portable) {
+            all.push(("simd", simd));
+        }
+        all
+    }
+
+    #[test]
+    fn prompt_attention_every_isa() -> Result<()> {
+        let mut rng = Rng::fresh("attention::cpu::prompt_attention_every_isa");
+        for dtype in [DType::F32, DType::BF16] {
+            for (d, heads, kv_heads) in [(64, 9, 3), (48, 4, 2), (20, 2, 1)] {
+                let (b, s, t) = (2, 70, 160);
+                let (q_start, q_lens) = ([10, 0], [70, 33]);
+                let q = rng.tensor(&[b, s, heads, d], -2.0, 2.0, dtype)?;
+                let k = rng.tensor(&[b, t, kv_heads, d], -2.0, 2.0, dtype)?;
+                let v = rng.tensor(&[b, t, kv_heads, d], -1.0, 1.0, dtype)?;
+                let scale = 1.0 / (d as f32).sqrt();
+                let reference = prompt_attention_reference(&q, &k, &v, &q_start, &q_lens, scale)?;
+                let dims = validate_prompt("test", &q, &k, &v, &q_start, &q_lens, scale)?;
+                for (name, isa) in isas(d) {
+                    let got = prompt_attention(isa, &q, &k, &v, &q_start, &q_lens, scale, &dims)?;
+                    let id = case_id("PROMPT_ATTENTION", dtype, &[b, s, heads, d], &format!("kv_heads={kv_heads},{name}"));
+                    assert_close(&id, &got, &reference, Tolerance::for_dtype(dtype))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn decode_attention_every_isa_and_chunking() -> Result<()> {
+        let mut rng = Rng::fresh("attention::cpu::decode_attention_every_isa_and_chunking");
+        for dtype in [DType::F32, DType::F16] {
+            for (d, heads, kv_heads) in [(64, 14, 2), (128, 4, 4), (40, 6, 3)] {
+                let (b, t) = (3, 700);
+                let kv_lens = [700, 1, 129];
+                let q = rng.tensor(&[b, 1, heads, d], -2.0, 2.0, dtype)?;
+                let k = rng.tensor(&[b, t, kv_heads, d], -2.0, 2.0, dtype)?;
+                let v = rng.tensor(&[b, t, kv_heads, d], -1.0, 1.0, dtype)?;
+                let scale = 1.0 / (d as f32).sqrt();
+                let reference = decode_attention_reference(&q, &k, &v, &kv_lens, scale)?;
+                let dims = validate_decode("test", &q, &k, &v, &kv_lens, scale)?;
+                for (name, isa) in isas(d) {
+                    for chunk in [None, Some(64), Some(100), Some(usize::MAX)] {
+                        let got = decode_attention(isa, &q, &k, &v, &kv_lens, scale, &dims, chunk)?;
+                        let extra = format!("kv_heads={kv_heads},{name},chunk={chunk:?}");
+                        let id = case_id("DECODE_ATTENTION", dtype, &[b, 1, heads, d], &extra);
+                        assert_close(&id, &got, &reference, Tolerance::for_dtype(dtype))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn decode_chunking_splits_when_threads_are_idle() {
+        assert_eq!(decode_chunk_len(&[512], 3, 1), usize::MAX);
+        assert_eq!(decode_chunk_len(&[512], 3, 2), 256);
+        assert_eq!(decode_chunk_len(&[1500], 3, 2), 576);
+    }
+}

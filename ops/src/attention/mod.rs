@@ -1,0 +1,180 @@
+//! Fused attention over a fixed KV cache: [`prompt_attention`] (prefill, causal, ragged batches)
+//! and [`decode_attention`] (one new token per sequence).
+//!
+//! Both follow FlashAttention (Dao et al., 2022): scores are produced a small tile at a time and
+//! folded into the output with an online softmax (running max and running sum in f32), so no
+//! `S x T` score matrix is ever materialized. Grouped-query attention (Ainslie et al., 2023) is
+//! handled by indexing: query head `h` reads kv head `h / (Nq / Nkv)`, and all query heads of one
+//! kv group are processed together so each K/V tile is loaded once for the whole group. Decode
+//! splits long key ranges into chunks whose partial (max, sum, accumulator) triples are merged at
+//! the end (flash-decoding), so a single sequence still keeps every core busy.
+//!
+//! Layout is BSND throughout: `q` is `[B, S, Nq, D]`, the caches are `[B, T, Nkv, D]` with
+//! `T` the cache capacity. The Ascend counterparts are aclnnPromptFlashAttentionV3 and
+//! aclnnIncreFlashAttentionV4 (see DESIGN.md section 4).
+//!
+//! Files: `reference.rs` is the f32 oracle built from plain candle ops; `cpu.rs` holds the
+//! drivers (tiling, threading, dtype handling) and `kernels.rs` the micro-kernels (AVX-512
+//! selected at run time, portable fallback).
+
+mod cpu;
+mod kernels;
+mod reference;
+
+pub use reference::{decode_attention_reference, prompt_attention_reference};
+
+use candle_core::{DType, Result, Tensor, bail};
+
+/// Causal attention of a block of new queries over the keys already in a fixed KV cache.
+///
+/// - `q`: `[B, S, Nq, D]`, contiguous in its last dimension; outer strides are arbitrary (a
+///   `narrow` of a fused qkv projection output is accepted as is).
+/// - `k_cache`, `v_cache`: `[B, T, Nkv, D]`, same shape, contiguous in the last dimension
+///   (normally fully contiguous); `T` is the cache capacity. The keys of the new queries must
+///   already be written (see `kv_write`).
+/// - `Nq % Nkv == 0`; query head `h` attends with kv head `h / (Nq / Nkv)` (GQA, no repeated K/V).
+/// - Query `i` of sequence `b` sits at position `q_start[b] + i` and attends keys
+///   `0 ..= q_start[b] + i`: `out[b, i, h] = softmax_j(scale * q[b,i,h] . k[b,j,g]) v[b,j,g]`.
+/// - Rows `i >= q_lens[b]` are padding and come out as exact zeros. Requires `q_lens[b] <= S` and
+///   `q_start[b] + q_lens[b] <= T`.
+/// - q, k and v share one dtype (f32, f16 or bf16); the math is f32 with f32 accumulation; the
+///   output is `[B, S, Nq, D]`, contiguous, in q's dtype.
+///
+/// Bad shapes, lengths, dtypes or a non-finite `scale` return an error. CPU tensors only.
+pub fn prompt_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    q_start: &[usize],
+    q_lens: &[usize],
+    scale: f32,
+) -> Result<Tensor> {
+    let dims = validate_prompt("prompt_attention", q, k_cache, v_cache, q_start, q_lens, scale)?;
+    cpu::prompt_attention(kernels::Isa::detect(dims.head_dim), q, k_cache, v_cache, q_start, q_lens, scale, &dims)
+}
+
+/// Attention of one new query token per sequence over the first `kv_lens[b]` entries of a fixed
+/// KV cache (the decode step).
+///
+/// - `q`: `[B, 1, Nq, D]`, contiguous in its last dimension, outer strides arbitrary.
+/// - `k_cache`, `v_cache`: `[B, T, Nkv, D]` as in [`prompt_attention`]; `Nq % Nkv == 0` (GQA).
+/// - Sequence `b` attends keys `0 .. kv_lens[b]`, with `1 <= kv_lens[b] <= T` (the new token's
+///   own key is the last one): `out[b, 0, h] = softmax_j(scale * q[b,0,h] . k[b,j,g]) v[b,j,g]`.
+/// - dtype, precision and output as in [`prompt_attention`]; output `[B, 1, Nq, D]`.
+///
+/// Long key ranges are split into chunks processed in parallel and merged exactly (the
+/// result does not depend on the split beyond f32 rounding). Allocation is per-task scratch
+/// of a few key tiles, independent of `T`.
+pub fn decode_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, kv_lens: &[usize], scale: f32) -> Result<Tensor> {
+    let dims = validate_decode("decode_attention", q, k_cache, v_cache, kv_lens, scale)?;
+    cpu::decode_attention(kernels::Isa::detect(dims.head_dim), q, k_cache, v_cache, kv_lens, scale, &dims, None)
+}
+
+/// Validated sizes shared by both ops.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttentionDims {
+    pub batch: usize,
+    /// Query rows per sequence (`S`; 1 for decode).
+    pub q_rows: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// KV cache capacity `T`.
+    pub capacity: usize,
+    pub dtype: DType,
+}
+
+impl AttentionDims {
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+fn validate_common(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<AttentionDims> {
+    let dtype = q.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(candle_core::Error::UnsupportedDTypeForOp(dtype, op));
+    }
+    if k.dtype() != dtype || v.dtype() != dtype {
+        bail!("{op}: q, k_cache and v_cache must share one dtype, got {dtype:?}, {:?}, {:?}", k.dtype(), v.dtype());
+    }
+    let &[batch, q_rows, heads, head_dim] = q.dims() else {
+        bail!("{op}: q must be [B, S, Nq, D], got shape {:?}", q.dims());
+    };
+    let &[k_batch, capacity, kv_heads, k_dim] = k.dims() else {
+        bail!("{op}: k_cache must be [B, T, Nkv, D], got shape {:?}", k.dims());
+    };
+    if v.dims() != k.dims() {
+        bail!("{op}: v_cache shape {:?} differs from k_cache shape {:?}", v.dims(), k.dims());
+    }
+    if k_batch != batch || k_dim != head_dim {
+        bail!(
+            "{op}: k_cache [B, T, Nkv, D] = {:?} does not match q [B, S, Nq, D] = {:?} in B or D",
+            k.dims(),
+            q.dims()
+        );
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        bail!("{op}: the query head count {heads} must be a positive multiple of the kv head count {kv_heads}");
+    }
+    if !scale.is_finite() {
+        bail!("{op}: scale must be finite, got {scale}");
+    }
+    Ok(AttentionDims { batch, q_rows, heads, kv_heads, head_dim, capacity, dtype })
+}
+
+pub(crate) fn validate_prompt(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_start: &[usize],
+    q_lens: &[usize],
+    scale: f32,
+) -> Result<AttentionDims> {
+    let dims = validate_common(op, q, k, v, scale)?;
+    if q_start.len() != dims.batch || q_lens.len() != dims.batch {
+        bail!(
+            "{op}: q_start ({}) and q_lens ({}) need one entry per sequence (B = {})",
+            q_start.len(),
+            q_lens.len(),
+            dims.batch
+        );
+    }
+    for (b, (&start, &len)) in q_start.iter().zip(q_lens).enumerate() {
+        if len > dims.q_rows {
+            bail!("{op}: q_lens[{b}] = {len} exceeds the {} query rows of q", dims.q_rows);
+        }
+        if start.checked_add(len).is_none_or(|end| end > dims.capacity) {
+            bail!(
+                "{op}: sequence {b} needs keys up to q_start + q_len = {start} + {len}, beyond the cache capacity {}",
+                dims.capacity
+            );
+        }
+    }
+    Ok(dims)
+}
+
+pub(crate) fn validate_decode(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kv_lens: &[usize],
+    scale: f32,
+) -> Result<AttentionDims> {
+    let dims = validate_common(op, q, k, v, scale)?;
+    if dims.q_rows != 1 {
+        bail!("{op}: q must hold one query token per sequence ([B, 1, Nq, D]), got shape {:?}", q.dims());
+    }
+    if kv_lens.len() != dims.batch {
+        bail!("{op}: kv_lens ({}) needs one entry per sequence (B = {})", kv_lens.len(), dims.batch);
+    }
+    for (b, &len) in kv_lens.iter().enumerate() {
+        if len == 0 || len > dims.capacity {
+            bail!("{op}: kv_lens[{b}] = {len} must be in 1..={} (the cache capacity)", dims.capacity);
+        }
+    }
+    Ok(dims)
+}

@@ -1,0 +1,32 @@
+//! Fused LLM operators for candle.
+//!
+//! Each op has one public function whose doc states its shape, layout and dtype contract, an
+//! f32 reference composed from plain candle ops (`*_reference`, the oracle of the conformance
+//! suite) and a real CPU kernel (multi-threaded with rayon, SIMD where it pays, selected at
+//! run time). Ops accept f32, f16 and bf16 storage and compute in f32.
+//!
+//! | op | module |
+//! |---|---|
+//! | `rms_norm`, `add_rms_norm` | [`norm`] |
+//! | `rope` | [`rope`] |
+//! | `swiglu` | [`swiglu`] |
+//! | `kv_write` | [`kv_cache`] |
+//! | `prompt_attention`, `decode_attention` | [`attention`] |
+//! | `PackedLinear` (y = x W^T + b) | [`linear`] |
+
+pub mod attention;
+pub mod host;
+pub mod kernel;
+pub mod kv_cache;
+pub mod linear;
+pub mod norm;
+pub mod rope;
+pub mod swiglu;
+pub mod testing;
+
+pub use attention::{decode_attention, decode_attention_reference, prompt_attention, prompt_attention_reference};
+pub use kv_cache::{kv_write, kv_write_reference};
+pub use linear::{PackedLinear, linear_reference};
+pub use norm::{add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference};
+pub use rope::{rope, rope_reference};
+pub use swiglu::{swiglu, swiglu_reference};

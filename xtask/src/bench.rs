@@ -1,0 +1,203 @@
+//! `cargo xtask bench`: prefill and decode throughput of our engine against
+//! candle-transformers' own llama / qwen2 on the same f32 weights, interleaved in one run,
+//! reported as medians with their spread (min..max) and the ratio of medians.
+
+use anyhow::{Context, Result};
+use candle_ascend_models::fetch;
+use candle_ascend_models::loader::load_checkpoint;
+use candle_ascend_models::reference::ReferenceModel;
+use candle_ascend_models::{CacheConfig, CpuBackend, Transformer};
+use candle_core::{DType, Device, Tensor};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Known model names (default: both example models).
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Cache folder for fetched models.
+    #[arg(long)]
+    pub cache: Option<std::path::PathBuf>,
+    /// Repetitions of every measurement (interleaved engine / reference).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    /// Decode steps per decode measurement (after a 64-token prompt).
+    #[arg(long, default_value_t = 32)]
+    pub decode_steps: usize,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub batches: Vec<usize>,
+    /// Skip candle-transformers (our engine only).
+    #[arg(long)]
+    pub no_reference: bool,
+    /// Run a busy process on one core during the measurements (shared-machine behaviour).
+    #[arg(long)]
+    pub contend: bool,
+}
+
+/// Samples of one metric, in tokens/s.
+#[derive(Default)]
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn median(&self) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    }
+    fn spread(&self) -> String {
+        let min = self.0.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.0.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{min:.1}..{max:.1}")
+    }
+}
+
+struct Row {
+    model: String,
+    metric: String,
+    ours: Samples,
+    reference: Samples,
+}
+
+/// A busy-looping child process, killed on drop.
+struct Contender(std::process::Child);
+
+impl Contender {
+    fn start() -> Result<Self> {
+        let child = std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().context("starting the contending process")?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Contender {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn prompt(vocab: usize, batch: usize, len: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed | 1;
+    (0..batch * len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let models = if args.models.is_empty() {
+        vec!["smollm2-135m-instruct".to_string(), "qwen2.5-coder-0.5b-instruct".to_string()]
+    } else {
+        args.models.clone()
+    };
+    let _contender = if args.contend { Some(Contender::start()?) } else { None };
+    eprintln!(
+        "threads: {} (rayon pool){}",
+        rayon::current_num_threads(),
+        if args.contend { ", with a busy process competing" } else { "" }
+    );
+    let mut rows = Vec::new();
+    for name in &models {
+        let path = fetch::resolve_model(Some(name), name, args.cache.as_deref())?;
+        let ckpt = load_checkpoint(&path, DType::F32)?;
+        let cfg = ckpt.config.clone();
+        let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+        let cap = CacheConfig { max_batch, max_seq_len: (args.prompt_len + 1).max(64 + args.decode_steps + 1) };
+        let mut ours = Transformer::new(CpuBackend::new(DType::F32)?, cfg.clone(), &ckpt.weights, cap)?;
+        let mut reference = if args.no_reference {
+            None
+        } else {
+            Some(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?)
+        };
+        drop(ckpt);
+        for &batch in &args.batches {
+            let mut prefill = Row { model: name.clone(), metric: format!("prefill {}x{}", batch, args.prompt_len), ours: Samples::default(), reference: Samples::default() };
+            let mut decode = Row { model: name.clone(), metric: format!("decode batch {batch}"), ours: Samples::default(), reference: Samples::default() };
+            for rep in 0..args.reps + 1 {
+                let warmup = rep == 0;
+                let ids = prompt(cfg.vocab_size, batch, args.prompt_len, 17 + rep as u64);
+                let starts = vec![0usize; batch];
+                let lens = vec![args.prompt_len; batch];
+                // Prefill.
+                let t = Instant::now();
+                ours.forward(&ids, args.prompt_len, &starts, &lens)?;
+                let ours_tps = (batch * args.prompt_len) as f64 / t.elapsed().as_secs_f64();
+                let ref_tps = match reference.as_mut() {
+                    Some(r) => {
+                        r.reset()?;
+                        let x = Tensor::from_slice(&ids, (batch, args.prompt_len), &Device::Cpu)?;
+                        let t = Instant::now();
+                        r.forward(&x, 0)?;
+                        Some((batch * args.prompt_len) as f64 / t.elapsed().as_secs_f64())
+                    }
+                    None => None,
+                };
+                // Decode after a 64-token prompt.
+                let short = &ids[..batch * 64.min(args.prompt_len)];
+                let plen = short.len() / batch;
+                let short: Vec<u32> = (0..batch).flat_map(|b| ids[b * args.prompt_len..b * args.prompt_len + plen].to_vec()).collect();
+                ours.forward(&short, plen, &starts, &vec![plen; batch])?;
+                let ones = vec![1usize; batch];
+                let mut next = vec![1u32; batch];
+                let t = Instant::now();
+                for step in 0..args.decode_steps {
+                    let pos = vec![plen + step; batch];
+                    let logits = ours.forward(&next, 1, &pos, &ones)?;
+                    next = logits.argmax(1)?.to_vec1::<u32>()?;
+                }
+                let ours_dec = (batch * args.decode_steps) as f64 / t.elapsed().as_secs_f64();
+                let ref_dec = match reference.as_mut() {
+                    Some(r) => {
+                        r.reset()?;
+                        let x = Tensor::from_slice(&short, (batch, plen), &Device::Cpu)?;
+                        r.forward(&x, 0)?;
+                        let mut next = vec![1u32; batch];
+                        let t = Instant::now();
+                        for step in 0..args.decode_steps {
+                            let x = Tensor::from_slice(&next, (batch, 1), &Device::Cpu)?;
+                            let logits = r.forward(&x, plen + step)?;
+                            next = logits.argmax(1)?.to_vec1::<u32>()?;
+                        }
+                        Some((batch * args.decode_steps) as f64 / t.elapsed().as_secs_f64())
+                    }
+                    None => None,
+                };
+                if warmup {
+                    continue;
+                }
+                prefill.ours.0.push(ours_tps);
+                decode.ours.0.push(ours_dec);
+                if let (Some(p), Some(d)) = (ref_tps, ref_dec) {
+                    prefill.reference.0.push(p);
+                    decode.reference.0.push(d);
+                }
+                eprintln!("  {name} batch {batch} rep {rep}: prefill {ours_tps:.1} tok/s, decode {ours_dec:.1} tok/s");
+            }
+            rows.push(prefill);
+            rows.push(decode);
+        }
+    }
+    println!("\n| model | metric | ours tokens/s (median, min..max) | candle-transformers tokens/s | ratio |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        let (refm, refs) = if r.reference.0.is_empty() { (f64::NAN, "-".to_string()) } else { (r.reference.median(), r.reference.spread()) };
+        println!(
+            "| {} | {} | {:.1} ({}) | {:.1} ({}) | {:.2}x |",
+            r.model,
+            r.metric,
+            r.ours.median(),
+            r.ours.spread(),
+            refm,
+            refs,
+            r.ours.median() / refm
+        );
+    }
+    Ok(())
+}
