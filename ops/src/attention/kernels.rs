@@ -188,14 +188,18 @@ mod avx512 {
             // SAFETY: the token proves AVX-512F support (see `scores`).
             unsafe {
                 match (rows, d) {
-                    (1, 64) => dot_tile_d64::<1>(q, k, ldk, nkeys, out, ldo),
-                    (2, 64) => dot_tile_d64::<2>(q, k, ldk, nkeys, out, ldo),
-                    (3, 64) => dot_tile_d64::<3>(q, k, ldk, nkeys, out, ldo),
-                    (4, 64) => dot_tile_d64::<4>(q, k, ldk, nkeys, out, ldo),
-                    (1, _) => dot_tile::<1>(q, d, k, ldk, nkeys, out, ldo),
-                    (2, _) => dot_tile::<2>(q, d, k, ldk, nkeys, out, ldo),
-                    (3, _) => dot_tile::<3>(q, d, k, ldk, nkeys, out, ldo),
-                    (4, _) => dot_tile::<4>(q, d, k, ldk, nkeys, out, ldo),
+                    (1, 64) => dot_tile::<1, 4>(q, k, ldk, nkeys, out, ldo),
+                    (2, 64) => dot_tile::<2, 4>(q, k, ldk, nkeys, out, ldo),
+                    (3, 64) => dot_tile::<3, 4>(q, k, ldk, nkeys, out, ldo),
+                    (4, 64) => dot_tile::<4, 4>(q, k, ldk, nkeys, out, ldo),
+                    (1, 128) => dot_tile::<1, 8>(q, k, ldk, nkeys, out, ldo),
+                    (2, 128) => dot_tile::<2, 8>(q, k, ldk, nkeys, out, ldo),
+                    (3, 128) => dot_tile::<3, 8>(q, k, ldk, nkeys, out, ldo),
+                    (4, 128) => dot_tile::<4, 8>(q, k, ldk, nkeys, out, ldo),
+                    (1, _) => dot_tile_any::<1>(q, d, k, ldk, nkeys, out, ldo),
+                    (2, _) => dot_tile_any::<2>(q, d, k, ldk, nkeys, out, ldo),
+                    (3, _) => dot_tile_any::<3>(q, d, k, ldk, nkeys, out, ldo),
+                    (4, _) => dot_tile_any::<4>(q, d, k, ldk, nkeys, out, ldo),
                     _ => unreachable!("dot tiles have 1..=4 rows, got {rows}"),
                 }
             }
@@ -281,63 +285,96 @@ mod avx512 {
         }
     }
 
-    /// Scores of R query rows against `nkeys` row-major keys, head_dim 64: the query rows live
-    /// in registers, each key costs 4 loads, 4 R FMAs and R horizontal sums.
+    /// Scores of R query rows against `nkeys` row-major keys, 16 keys at a time: for one query
+    /// row, 16 per-key partial-sum vectors are folded into one vector of 16 scores by
+    /// [`reduce16`] (2 shuffles and 1 add per key instead of a full horizontal sum each).
+    /// The query row (`DC` = d / 16 vectors) stays in registers across the 16 keys.
     #[target_feature(enable = "avx512f")]
-    fn dot_tile_d64<const R: usize>(q: &[f32], k: &[f32], ldk: usize, nkeys: usize, out: &mut [f32], ldo: usize) {
-        const D: usize = 64;
-        assert!(q.len() >= R * D);
-        assert!(nkeys == 0 || (k.len() >= (nkeys - 1) * ldk + D && out.len() >= (R - 1) * ldo + nkeys));
+    fn dot_tile<const R: usize, const DC: usize>(q: &[f32], k: &[f32], ldk: usize, nkeys: usize, out: &mut [f32], ldo: usize) {
+        let d = 16 * DC;
+        assert!(q.len() >= R * d);
+        assert!(nkeys == 0 || (k.len() >= (nkeys - 1) * ldk + d && out.len() >= (R - 1) * ldo + nkeys));
         let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
-        let mut qr = [[_mm512_setzero_ps(); 4]; R];
-        for (r, row) in qr.iter_mut().enumerate() {
-            for (c, x) in row.iter_mut().enumerate() {
-                // SAFETY: r*64 + 16c + 16 <= R*64 <= q.len().
-                *x = unsafe { _mm512_loadu_ps(qp.add(r * D + 16 * c)) };
-            }
-        }
-        for j in 0..nkeys {
-            // SAFETY: j < nkeys, so j*ldk + 64 <= (nkeys-1)*ldk + 64 <= k.len().
-            let kv = unsafe {
-                [
-                    _mm512_loadu_ps(kp.add(j * ldk)),
-                    _mm512_loadu_ps(kp.add(j * ldk + 16)),
-                    _mm512_loadu_ps(kp.add(j * ldk + 32)),
-                    _mm512_loadu_ps(kp.add(j * ldk + 48)),
-                ]
-            };
-            for (r, qrow) in qr.iter().enumerate() {
-                let lo = _mm512_fmadd_ps(qrow[1], kv[1], _mm512_mul_ps(qrow[0], kv[0]));
-                let hi = _mm512_fmadd_ps(qrow[3], kv[3], _mm512_mul_ps(qrow[2], kv[2]));
-                let sum = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
-                // SAFETY: r*ldo + j < (R-1)*ldo + nkeys <= out.len().
-                unsafe { *op.add(r * ldo + j) = sum };
+        for j in (0..nkeys).step_by(16) {
+            let count = (nkeys - j).min(16);
+            for r in 0..R {
+                let mut qr = [_mm512_setzero_ps(); DC];
+                for (c, qv) in qr.iter_mut().enumerate() {
+                    // SAFETY: r*d + 16c + 16 <= R*d <= q.len().
+                    *qv = unsafe { _mm512_loadu_ps(qp.add(r * d + 16 * c)) };
+                }
+                let mut parts = [_mm512_setzero_ps(); 16];
+                for (kk, part) in parts.iter_mut().enumerate().take(count) {
+                    let row = (j + kk) * ldk;
+                    let mut acc = _mm512_setzero_ps();
+                    for (c, qv) in qr.iter().enumerate() {
+                        // SAFETY: j + kk < nkeys, so row + 16c + 16 <= (nkeys-1)*ldk + d <= k.len().
+                        acc = _mm512_fmadd_ps(*qv, unsafe { _mm512_loadu_ps(kp.add(row + 16 * c)) }, acc);
+                    }
+                    *part = acc;
+                }
+                let mask = (((1u32 << count) - 1) & 0xFFFF) as __mmask16;
+                // SAFETY: only lanes < count are written: r*ldo + j + count <= (R-1)*ldo + nkeys
+                // <= out.len().
+                unsafe { _mm512_mask_storeu_ps(op.add(r * ldo + j), mask, reduce16(&parts)) };
             }
         }
     }
 
-    /// [`dot_tile_d64`] for any head_dim that is a multiple of 16.
+    /// [`dot_tile`] for any head_dim that is a multiple of 16 (query reloaded from L1).
     #[target_feature(enable = "avx512f")]
-    fn dot_tile<const R: usize>(q: &[f32], d: usize, k: &[f32], ldk: usize, nkeys: usize, out: &mut [f32], ldo: usize) {
+    fn dot_tile_any<const R: usize>(q: &[f32], d: usize, k: &[f32], ldk: usize, nkeys: usize, out: &mut [f32], ldo: usize) {
         assert!(d.is_multiple_of(16) && q.len() >= R * d);
         assert!(nkeys == 0 || (k.len() >= (nkeys - 1) * ldk + d && out.len() >= (R - 1) * ldo + nkeys));
         let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
-        for j in 0..nkeys {
-            let mut acc = [_mm512_setzero_ps(); R];
-            for t in (0..d).step_by(16) {
-                // SAFETY: t + 16 <= d, so j*ldk + t + 16 <= k.len() and r*d + t + 16 <= q.len().
-                unsafe {
-                    let kv = _mm512_loadu_ps(kp.add(j * ldk + t));
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(r * d + t)), kv, *a);
+        for j in (0..nkeys).step_by(16) {
+            let count = (nkeys - j).min(16);
+            for r in 0..R {
+                let mut parts = [_mm512_setzero_ps(); 16];
+                for (kk, part) in parts.iter_mut().enumerate().take(count) {
+                    let row = (j + kk) * ldk;
+                    let mut acc = _mm512_setzero_ps();
+                    for t in (0..d).step_by(16) {
+                        // SAFETY: t + 16 <= d: row + t + 16 <= k.len(), r*d + t + 16 <= q.len().
+                        acc = unsafe { _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(r * d + t)), _mm512_loadu_ps(kp.add(row + t)), acc) };
                     }
+                    *part = acc;
                 }
-            }
-            for (r, a) in acc.iter().enumerate() {
-                // SAFETY: r*ldo + j < (R-1)*ldo + nkeys <= out.len().
-                unsafe { *op.add(r * ldo + j) = _mm512_reduce_add_ps(*a) };
+                let mask = (((1u32 << count) - 1) & 0xFFFF) as __mmask16;
+                // SAFETY: as in `dot_tile`.
+                unsafe { _mm512_mask_storeu_ps(op.add(r * ldo + j), mask, reduce16(&parts)) };
             }
         }
+    }
+
+    /// Lane i of the result is the horizontal sum of `v[i]` (a transposing reduction tree:
+    /// 30 shuffles and 15 adds for 16 sums).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn reduce16(v: &[__m512; 16]) -> __m512 {
+        // Level 1: pairs (a, b) -> per 128-bit block [a, b, a, b] partial sums.
+        let mut l1 = [_mm512_setzero_ps(); 8];
+        for (i, x) in l1.iter_mut().enumerate() {
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            *x = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        }
+        // Level 2: -> per 128-bit block [a, b, c, d].
+        let mut l2 = [_mm512_setzero_ps(); 4];
+        for (i, x) in l2.iter_mut().enumerate() {
+            let (a, b) = (_mm512_castps_pd(l1[2 * i]), _mm512_castps_pd(l1[2 * i + 1]));
+            *x = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+        }
+        // Levels 3 and 4: sum the four 128-bit blocks, gathering groups of 4 keys per block.
+        let lo = fold_blocks(l2[0], l2[1]);
+        let hi = fold_blocks(l2[2], l2[3]);
+        fold_blocks(lo, hi)
+    }
+
+    /// Blocks [a0+a1, a2+a3, b0+b1, b2+b3] of two vectors' 128-bit blocks a0..a3, b0..b3.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn fold_blocks(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
     }
 
     #[target_feature(enable = "avx512f")]
@@ -466,12 +503,15 @@ mod avx512 {
 
     /// e^x for 16 lanes: x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r
     /// (Cephes expf coefficients, ~1 ulp), and 2^n applied with `scalef` (exact, and it
-    /// underflows to 0 gracefully). Inputs are clamped to [-100, 88].
+    /// underflows to 0 gracefully). Results below e^-87 (where f32 turns subnormal) are
+    /// flushed to 0: subnormal probabilities would cost microcode assists in the P V FMAs and
+    /// are below f32 resolution next to the row maximum (e^0) anyway.
     #[target_feature(enable = "avx512f")]
     #[inline]
     #[allow(clippy::excessive_precision)]
     fn exp_ps(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.0)), _mm512_set1_ps(88.0));
+        let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.0));
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             x,
             _mm512_set1_ps(std::f32::consts::LOG2_E),
@@ -483,6 +523,6 @@ mod avx512 {
             y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
         }
         let y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
-        _mm512_scalef_ps(y, n)
+        _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(y, n))
     }
 }

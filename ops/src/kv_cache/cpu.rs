@@ -62,16 +62,16 @@ pub(super) fn kv_write<T: Element>(
         }
     };
 
-    let per_task = units_per_task(batch * len, token);
+    // A copy costs far less per element than the arithmetic ops `units_per_task` is tuned
+    // for: count 1/8 so that decode and small prefills stay on the calling thread.
+    let per_task = units_per_task(batch * len, token.div_ceil(8));
     if per_task >= batch * len {
         for (b, dst) in targets {
             copy_tokens(b, 0, dst);
         }
     } else {
         targets.into_par_iter().for_each(|(b, dst)| {
-            dst.par_chunks_mut(per_task * token)
-                .enumerate()
-                .for_each(|(i, chunk)| copy_tokens(b, i * per_task, chunk));
+            dst.par_chunks_mut(per_task * token).enumerate().for_each(|(i, chunk)| copy_tokens(b, i * per_task, chunk));
         });
     }
     Ok(())

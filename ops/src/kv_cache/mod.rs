@@ -66,11 +66,7 @@ pub(crate) fn check(cache: &Tensor, new: &Tensor, positions: &[usize]) -> Result
         bail!("{KV_WRITE}: `new` must be [B, S, Nkv, D], got shape {:?}", new.dims());
     };
     if (new_batch, new_heads, new_dim) != (batch, kv_heads, head_dim) {
-        bail!(
-            "{KV_WRITE}: `new` {:?} must match `cache` {:?} in B, Nkv and D",
-            new.dims(),
-            cache.dims()
-        );
+        bail!("{KV_WRITE}: `new` {:?} must match `cache` {:?} in B, Nkv and D", new.dims(), cache.dims());
     }
     if positions.len() != batch {
         bail!("{KV_WRITE}: {} positions given for a batch of {batch}", positions.len());

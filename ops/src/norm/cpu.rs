@@ -7,7 +7,7 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, bail};
 
 use super::{ADD_RMS_NORM, RMS_NORM};
 use crate::host::{Element, tensor_from_vec, with_slice};
@@ -18,8 +18,6 @@ use crate::kernel::{Rows, assume_init_vec, run_chunks, run_chunks2, uninit_vec, 
 struct Task<'a, T> {
     x: &'a [T],
     x_rows: &'a Rows,
-    /// For `add_rms_norm`: the residual storage and rows.
-    residual: Option<(&'a [T], &'a Rows)>,
     gamma: &'a [f32],
     eps: f32,
     /// Index of the first row of the chunk.
@@ -31,9 +29,13 @@ pub(super) fn rms_norm<T: Lanes>(x: &Tensor, gamma: &Tensor, eps: f32, isa: Opti
     let out = with_slice::<T, _>(x, RMS_NORM, |xs, layout| {
         let rows = Rows::new(layout, xs.len(), RMS_NORM, "x")?;
         let h = rows.len;
+        // Checked by `super::check`; repeated because the writes below rely on it.
+        if gamma.len() != h {
+            bail!("{RMS_NORM}: `gamma` has {} elements for rows of {h}", gamma.len());
+        }
         let mut out = uninit_vec::<T>(rows.count * h);
         run_chunks(&mut out, h, units_per_task(rows.count, 2 * h), |first, y| {
-            let task = Task { x: xs, x_rows: &rows, residual: None, gamma: &gamma, eps, first };
+            let task = Task { x: xs, x_rows: &rows, gamma: &gamma, eps, first };
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: an `Avx512` token exists only when the CPU supports AVX-512 F/BW/VL.
@@ -61,17 +63,22 @@ pub(super) fn add_rms_norm<T: Lanes>(
             let x_rows = Rows::new(x_layout, xs.len(), ADD_RMS_NORM, "x")?;
             let r_rows = Rows::new(r_layout, rs.len(), ADD_RMS_NORM, "residual")?;
             let h = x_rows.len;
+            // Checked by `super::check`; repeated because the writes below rely on it.
+            if gamma.len() != h || r_rows.len != h || r_rows.count != x_rows.count {
+                bail!("{ADD_RMS_NORM}: `x`, `residual` and `gamma` disagree on the shape");
+            }
             let mut y = uninit_vec::<T>(x_rows.count * h);
             let mut s = uninit_vec::<T>(x_rows.count * h);
             let per_task = units_per_task(x_rows.count, 3 * h);
             run_chunks2(&mut y, h, &mut s, h, per_task, |first, y, s| {
-                let task = Task { x: xs, x_rows: &x_rows, residual: Some((rs, &r_rows)), gamma: &gamma, eps, first };
+                let task = Task { x: xs, x_rows: &x_rows, gamma: &gamma, eps, first };
+                let residual = (rs, &r_rows);
                 let mut scratch = vec![0f32; h];
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: an `Avx512` token exists only when the CPU supports AVX-512 F/BW/VL.
-                    Some(_) => unsafe { avx512::add_rms_norm_rows(&task, y, s, &mut scratch) },
-                    _ => portable::add_rms_norm_rows(&task, y, s, &mut scratch),
+                    Some(_) => unsafe { avx512::add_rms_norm_rows(&task, residual, y, s, &mut scratch) },
+                    _ => portable::add_rms_norm_rows(&task, residual, y, s, &mut scratch),
                 }
             });
             // SAFETY: the chunks of `y` and `s` are whole rows and the row kernels store every
@@ -112,12 +119,12 @@ mod portable {
 
     pub(super) fn add_rms_norm_rows<T: Element>(
         t: &Task<'_, T>,
+        (rs, r_rows): (&[T], &Rows),
         y_out: &mut [MaybeUninit<T>],
         s_out: &mut [MaybeUninit<T>],
         scratch: &mut [f32],
     ) {
         let h = t.gamma.len();
-        let Some((rs, r_rows)) = t.residual else { return };
         for (k, (y, s)) in y_out.chunks_exact_mut(h).zip(s_out.chunks_exact_mut(h)).enumerate() {
             let x = t.x_rows.row(t.x, t.first + k);
             let r = r_rows.row(rs, t.first + k);
@@ -139,20 +146,26 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::kernel::simd::{LANES, load, round, store, store_f32, sum};
+    use crate::kernel::simd::{LANES, load_partial, load16, round, store_partial, store_partial_f32, store16, store16_f32, sum};
 
     /// Sum of squares of a row, two accumulators.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     fn sum_squares<T: Lanes>(x: &[T]) -> f32 {
+        let (chunks, tail) = x.as_chunks::<LANES>();
         let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut i = 0;
-        while i < x.len() {
-            let (v0, v1) = (load(x, i), load(x, i + LANES));
+        let mut pairs = chunks.chunks_exact(2);
+        for pair in &mut pairs {
+            let (v0, v1) = (load16(&pair[0]), load16(&pair[1]));
             a0 = _mm512_fmadd_ps(v0, v0, a0);
             a1 = _mm512_fmadd_ps(v1, v1, a1);
-            i += 2 * LANES;
         }
+        for c in pairs.remainder() {
+            let v = load16(c);
+            a0 = _mm512_fmadd_ps(v, v, a0);
+        }
+        let v = load_partial(tail);
+        a1 = _mm512_fmadd_ps(v, v, a1);
         sum(_mm512_add_ps(a0, a1))
     }
 
@@ -161,10 +174,14 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     fn scale_row<S: Lanes, T: Lanes>(x: &[S], inv: f32, gamma: &[f32], y: &mut [MaybeUninit<T>]) {
         let inv = _mm512_set1_ps(inv);
-        let mut i = 0;
-        while i < gamma.len() {
-            store(y, i, _mm512_mul_ps(_mm512_mul_ps(load(x, i), inv), load(gamma, i)));
-            i += LANES;
+        let (xc, xt) = x.as_chunks::<LANES>();
+        let (gc, gt) = gamma.as_chunks::<LANES>();
+        let (yc, yt) = y.as_chunks_mut::<LANES>();
+        for ((x, g), y) in xc.iter().zip(gc).zip(yc) {
+            store16(y, _mm512_mul_ps(_mm512_mul_ps(load16(x), inv), load16(g)));
+        }
+        if !yt.is_empty() {
+            store_partial(yt, _mm512_mul_ps(_mm512_mul_ps(load_partial(xt), inv), load_partial(gt)));
         }
     }
 
@@ -180,23 +197,29 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) fn add_rms_norm_rows<T: Lanes>(
         t: &Task<'_, T>,
+        (rs, r_rows): (&[T], &Rows),
         y_out: &mut [MaybeUninit<T>],
         s_out: &mut [MaybeUninit<T>],
         scratch: &mut [f32],
     ) {
         let h = t.gamma.len();
-        let Some((rs, r_rows)) = t.residual else { return };
         for (k, (y, s)) in y_out.chunks_exact_mut(h).zip(s_out.chunks_exact_mut(h)).enumerate() {
-            let x = t.x_rows.row(t.x, t.first + k);
-            let r = r_rows.row(rs, t.first + k);
+            let (xc, xt) = t.x_rows.row(t.x, t.first + k).as_chunks::<LANES>();
+            let (rc, rt) = r_rows.row(rs, t.first + k).as_chunks::<LANES>();
+            let (sc, st) = s.as_chunks_mut::<LANES>();
+            let (fc, ft) = scratch.as_chunks_mut::<LANES>();
             let mut acc = _mm512_setzero_ps();
-            let mut i = 0;
-            while i < h {
-                let v = round::<T>(_mm512_add_ps(load(x, i), load(r, i)));
-                store(s, i, v);
-                store_f32(scratch, i, v);
+            for (((x, r), s), f) in xc.iter().zip(rc).zip(sc).zip(fc) {
+                let v = round::<T>(_mm512_add_ps(load16(x), load16(r)));
+                store16(s, v);
+                store16_f32(f, v);
                 acc = _mm512_fmadd_ps(v, v, acc);
-                i += LANES;
+            }
+            if !st.is_empty() {
+                let v = round::<T>(_mm512_add_ps(load_partial(xt), load_partial(rt)));
+                store_partial(st, v);
+                store_partial_f32(ft, v);
+                acc = _mm512_fmadd_ps(v, v, acc);
             }
             scale_row(scratch, inv_rms(sum(acc), h, t.eps), t.gamma, y);
         }

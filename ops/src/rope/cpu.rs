@@ -6,7 +6,7 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, bail};
 
 use super::ROPE;
 use crate::host::{Element, tensor_from_vec, with_slice};
@@ -37,19 +37,20 @@ pub(super) fn rope<T: Lanes>(x: &Tensor, cos: &Tensor, sin: &Tensor, isa: Option
                 let cos_rows = Rows::new(c_layout, cs.len(), ROPE, "cos")?;
                 let sin_rows = Rows::new(s_layout, ss.len(), ROPE, "sin")?;
                 let (d, positions) = (x_rows.len, cos_rows.count);
+                // Checked by `super::check`; repeated because the writes below rely on it.
+                if d % 2 != 0
+                    || cos_rows.len != d
+                    || sin_rows.len != d
+                    || sin_rows.count != positions
+                    || x_rows.count != positions * heads
+                {
+                    bail!("{ROPE}: `x`, `cos` and `sin` disagree on the shape");
+                }
                 let mut out = uninit_vec::<T>(x_rows.count * d);
                 let per_task = units_per_task(positions, heads * d + d);
                 run_chunks(&mut out, heads * d, per_task, |first, chunk| {
-                    let task = Task {
-                        x: xs,
-                        x_rows: &x_rows,
-                        cos: cs,
-                        sin: ss,
-                        cos_rows: &cos_rows,
-                        sin_rows: &sin_rows,
-                        heads,
-                        first,
-                    };
+                    let task =
+                        Task { x: xs, x_rows: &x_rows, cos: cs, sin: ss, cos_rows: &cos_rows, sin_rows: &sin_rows, heads, first };
                     let (mut cos_f, mut sin_f) = (vec![0f32; d], vec![0f32; d]);
                     match isa {
                         #[cfg(target_arch = "x86_64")]
@@ -70,12 +71,7 @@ pub(super) fn rope<T: Lanes>(x: &Tensor, cos: &Tensor, sin: &Tensor, isa: Option
 mod portable {
     use super::*;
 
-    pub(super) fn rope_positions<T: Element>(
-        t: &Task<'_, T>,
-        out: &mut [MaybeUninit<T>],
-        cos_f: &mut [f32],
-        sin_f: &mut [f32],
-    ) {
+    pub(super) fn rope_positions<T: Element>(t: &Task<'_, T>, out: &mut [MaybeUninit<T>], cos_f: &mut [f32], sin_f: &mut [f32]) {
         let d = cos_f.len();
         let h = d / 2;
         for (k, position) in out.chunks_exact_mut(t.heads * d).enumerate() {
@@ -103,43 +99,53 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::kernel::simd::{LANES, load, store, store_f32};
+    use crate::kernel::simd::{LANES, load_partial, load16, store_partial, store_partial_f32, store16, store16_f32};
 
     /// Widens one row to f32.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     fn widen<T: Lanes>(src: &[T], dst: &mut [f32]) {
-        let mut i = 0;
-        while i < dst.len() {
-            store_f32(dst, i, load(src, i));
-            i += LANES;
+        let (sc, st) = src.as_chunks::<LANES>();
+        let (dc, dt) = dst.as_chunks_mut::<LANES>();
+        for (s, d) in sc.iter().zip(dc) {
+            store16_f32(d, load16(s));
         }
+        store_partial_f32(dt, load_partial(st));
+    }
+
+    /// The two rotated halves from `a = x[i]`, `b = x[i + h]` and the table at `i`, `i + h`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn rotate(a: __m512, b: __m512, c1: __m512, c2: __m512, s1: __m512, s2: __m512) -> (__m512, __m512) {
+        (_mm512_fmsub_ps(a, c1, _mm512_mul_ps(b, s1)), _mm512_fmadd_ps(b, c2, _mm512_mul_ps(a, s2)))
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) fn rope_positions<T: Lanes>(
-        t: &Task<'_, T>,
-        out: &mut [MaybeUninit<T>],
-        cos_f: &mut [f32],
-        sin_f: &mut [f32],
-    ) {
+    pub(super) fn rope_positions<T: Lanes>(t: &Task<'_, T>, out: &mut [MaybeUninit<T>], cos_f: &mut [f32], sin_f: &mut [f32]) {
         let d = cos_f.len();
         let h = d / 2;
         for (k, position) in out.chunks_exact_mut(t.heads * d).enumerate() {
             let p = t.first + k;
             widen(t.cos_rows.row(t.cos, p), cos_f);
             widen(t.sin_rows.row(t.sin, p), sin_f);
-            let (c1, c2) = cos_f.split_at(h);
-            let (s1, s2) = sin_f.split_at(h);
+            let ((c1, c1t), (c2, c2t)) = (cos_f[..h].as_chunks::<LANES>(), cos_f[h..].as_chunks::<LANES>());
+            let ((s1, s1t), (s2, s2t)) = (sin_f[..h].as_chunks::<LANES>(), sin_f[h..].as_chunks::<LANES>());
             for (n, y) in position.chunks_exact_mut(d).enumerate() {
-                let (x1, x2) = t.x_rows.row(t.x, p * t.heads + n).split_at(h);
+                let x = t.x_rows.row(t.x, p * t.heads + n);
+                let ((x1, x1t), (x2, x2t)) = (x[..h].as_chunks::<LANES>(), x[h..].as_chunks::<LANES>());
                 let (y1, y2) = y.split_at_mut(h);
-                let mut i = 0;
-                while i < h {
-                    let (a, b) = (load(x1, i), load(x2, i));
-                    store(y1, i, _mm512_fmsub_ps(a, load(c1, i), _mm512_mul_ps(b, load(s1, i))));
-                    store(y2, i, _mm512_fmadd_ps(b, load(c2, i), _mm512_mul_ps(a, load(s2, i))));
-                    i += LANES;
+                let ((y1, y1t), (y2, y2t)) = (y1.as_chunks_mut::<LANES>(), y2.as_chunks_mut::<LANES>());
+                let table = c1.iter().zip(c2).zip(s1.iter().zip(s2));
+                for (((a, b), ((c1, c2), (s1, s2))), (y1, y2)) in x1.iter().zip(x2).zip(table).zip(y1.iter_mut().zip(y2)) {
+                    let (lo, hi) = rotate(load16(a), load16(b), load16(c1), load16(c2), load16(s1), load16(s2));
+                    store16(y1, lo);
+                    store16(y2, hi);
+                }
+                if !y1t.is_empty() {
+                    let (c1, c2, s1, s2) = (load_partial(c1t), load_partial(c2t), load_partial(s1t), load_partial(s2t));
+                    let (lo, hi) = rotate(load_partial(x1t), load_partial(x2t), c1, c2, s1, s2);
+                    store_partial(y1t, lo);
+                    store_partial(y2t, hi);
                 }
             }
         }

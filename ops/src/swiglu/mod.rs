@@ -76,7 +76,10 @@ mod tests {
         for (a, y) in gate.iter().zip(out) {
             let a = f64::from(*a);
             let want = 3.0 * a / (1.0 + (-a).exp());
-            assert!((f64::from(y) - want).abs() <= 1e-6 * want.abs() + f64::from(f32::MIN_POSITIVE), "silu({a}) * 3 = {y}, want {want}");
+            assert!(
+                (f64::from(y) - want).abs() <= 1e-6 * want.abs() + f64::from(f32::MIN_POSITIVE),
+                "silu({a}) * 3 = {y}, want {want}"
+            );
         }
         Ok(())
     }

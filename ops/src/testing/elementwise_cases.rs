@@ -114,7 +114,7 @@ struct RopeCase {
     broadcast_table: bool,
 }
 
-const ROPE_CASES: [RopeCase; 8] = [
+const ROPE_CASES: [RopeCase; 9] = [
     RopeCase { shape: [1, 1, 14, 64], around: (0, 0), broadcast_table: false },
     RopeCase { shape: [4, 1, 2, 128], around: (0, 0), broadcast_table: false },
     RopeCase { shape: [2, 7, 14, 64], around: (0, 0), broadcast_table: false },
@@ -124,6 +124,8 @@ const ROPE_CASES: [RopeCase; 8] = [
     RopeCase { shape: [2, 7, 14, 64], around: (0, 4), broadcast_table: false },
     RopeCase { shape: [2, 7, 2, 64], around: (14, 2), broadcast_table: true },
     RopeCase { shape: [4, 1, 4, 128], around: (8, 4), broadcast_table: false },
+    // Large enough to run in parallel chunks.
+    RopeCase { shape: [2, 40, 14, 64], around: (0, 4), broadcast_table: false },
 ];
 
 pub fn rope(b: &dyn OpBackend) -> Result<()> {
@@ -192,7 +194,7 @@ struct KvCase {
     fused_heads: usize,
 }
 
-const KV_CASES: [KvCase; 6] = [
+const KV_CASES: [KvCase; 7] = [
     // Decode, ragged, the last sequence writes the very last slot.
     KvCase { batch: 4, capacity: 16, kv_heads: 2, head_dim: 64, len: 1, positions: &[0, 5, 9, 15], fused_heads: 0 },
     KvCase { batch: 1, capacity: 40, kv_heads: 2, head_dim: 128, len: 1, positions: &[17], fused_heads: 0 },
@@ -202,6 +204,8 @@ const KV_CASES: [KvCase; 6] = [
     // `new` is the V part of a fused [B, S, 14 + 2 + 2, D] projection.
     KvCase { batch: 2, capacity: 24, kv_heads: 2, head_dim: 64, len: 7, positions: &[3, 17], fused_heads: 18 },
     KvCase { batch: 3, capacity: 8, kv_heads: 2, head_dim: 128, len: 1, positions: &[7, 0, 4], fused_heads: 18 },
+    // A prefill large enough to be copied in parallel chunks.
+    KvCase { batch: 4, capacity: 520, kv_heads: 2, head_dim: 128, len: 512, positions: &[0, 8, 3, 5], fused_heads: 18 },
 ];
 
 pub fn kv_write(b: &dyn OpBackend) -> Result<()> {
