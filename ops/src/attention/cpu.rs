@@ -12,7 +12,6 @@
 //! accumulator) per query head and a final pass merges the partials of a (sequence, kv head).
 
 use candle_core::{Device, Layout, Result, Tensor};
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -27,16 +26,19 @@ const PROMPT_ROWS_PER_TASK: usize = 96;
 /// Shortest key chunk a decode task gets; below it task and merge overhead dominate.
 const DECODE_MIN_CHUNK: usize = 256;
 
-/// Storage elements the attention kernels read: conversion of a row to f32, and direct
-/// access when the storage already is f32.
+/// Storage elements the attention kernels read: widening of rows to f32 (with the kernels'
+/// conversion), and direct access when the storage already is f32.
 pub(crate) trait KvElement: Element {
-    fn load_f32(src: &[Self], dst: &mut [f32]);
+    /// `dst[r*width + t] = f32(src[r*ld + t])` for `r < rows`, `t < width`.
+    fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]);
     fn as_f32(src: &[Self]) -> Option<&[f32]>;
 }
 
 impl KvElement for f32 {
-    fn load_f32(src: &[Self], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
+    fn load_f32<K: Kernels>(_: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        for (r, row) in dst.chunks_exact_mut(width).take(rows).enumerate() {
+            row.copy_from_slice(&src[r * ld..r * ld + width]);
+        }
     }
     fn as_f32(src: &[Self]) -> Option<&[f32]> {
         Some(src)
@@ -44,8 +46,8 @@ impl KvElement for f32 {
 }
 
 impl KvElement for f16 {
-    fn load_f32(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
+    fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        kern.widen_f16(src, ld, rows, width, dst);
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
@@ -53,8 +55,8 @@ impl KvElement for f16 {
 }
 
 impl KvElement for bf16 {
-    fn load_f32(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
+    fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        kern.widen_bf16(src, ld, rows, width, dst);
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
@@ -95,12 +97,11 @@ struct Inputs<'a, T> {
 
 impl<T: KvElement> Inputs<'_, T> {
     /// Query rows of heads `head0 .. head0 + n` at (b, i), scaled, into `dst` (`n * D`).
-    fn load_scaled_q(&self, b: usize, i: usize, head0: usize, dst: &mut [f32]) {
+    fn load_scaled_q<K: Kernels>(&self, kern: K, b: usize, i: usize, head0: usize, dst: &mut [f32]) {
         let d = self.dims.head_dim;
-        for (hh, row) in dst.chunks_exact_mut(d).enumerate() {
-            T::load_f32(&self.q[self.q_view.row(b, i, head0 + hh)..][..d], row);
-            row.iter_mut().for_each(|x| *x *= self.scale);
-        }
+        let src = &self.q[self.q_view.row(b, i, head0)..];
+        T::load_f32(kern, src, self.q_view.stride[2], dst.len() / d, d, dst);
+        dst.iter_mut().for_each(|x| *x *= self.scale);
     }
 }
 
@@ -169,7 +170,7 @@ struct PackedKv {
     v: Vec<f32>,
 }
 
-fn pack_kv<T: KvElement>(inp: &Inputs<'_, T>, b: usize, g: usize, n: usize) -> PackedKv {
+fn pack_kv<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, b: usize, g: usize, n: usize) -> PackedKv {
     let d = inp.dims.head_dim;
     let padded = n.next_multiple_of(KEY_BLOCK);
     let mut kt = vec![0f32; d * padded];
@@ -177,9 +178,7 @@ fn pack_kv<T: KvElement>(inp: &Inputs<'_, T>, b: usize, g: usize, n: usize) -> P
     let mut rows = vec![0f32; 16 * d];
     for j0 in (0..n).step_by(16) {
         let cnt = (n - j0).min(16);
-        for (jj, row) in rows.chunks_exact_mut(d).take(cnt).enumerate() {
-            T::load_f32(&inp.k[inp.k_view.row(b, j0 + jj, g)..][..d], row);
-        }
+        T::load_f32(kern, &inp.k[inp.k_view.row(b, j0, g)..], inp.k_view.stride[1], cnt, d, &mut rows);
         for t in 0..d {
             let dst = &mut kt[t * padded + j0..t * padded + j0 + cnt];
             for (jj, x) in dst.iter_mut().enumerate() {
@@ -187,13 +186,11 @@ fn pack_kv<T: KvElement>(inp: &Inputs<'_, T>, b: usize, g: usize, n: usize) -> P
             }
         }
     }
-    let v = if T::as_f32(inp.v).is_some() {
+    let v = if T::as_f32(inp.v).is_some() || n == 0 {
         Vec::new()
     } else {
         let mut v = vec![0f32; n * d];
-        for (j, row) in v.chunks_exact_mut(d).enumerate() {
-            T::load_f32(&inp.v[inp.v_view.row(b, j, g)..][..d], row);
-        }
+        T::load_f32(kern, &inp.v[inp.v_view.row(b, 0, g)..], inp.v_view.stride[1], n, d, &mut v);
         v
     };
     PackedKv { kt, padded, v }
@@ -218,7 +215,7 @@ fn prompt_run<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, q_start: &
         .par_iter()
         .map(|&(b, g)| {
             let n = if q_lens[b] == 0 { 0 } else { q_start[b] + q_lens[b] };
-            pack_kv(inp, b, g, n)
+            pack_kv(kern, inp, b, g, n)
         })
         .collect();
 
@@ -271,7 +268,7 @@ fn prompt_task<T: KvElement, K: Kernels>(
     let n_rows = (task.i1 - task.i0) * group;
     let mut q = vec![0f32; n_rows * d];
     for (qi, rows) in q.chunks_exact_mut(group * d).enumerate() {
-        inp.load_scaled_q(task.b, task.i0 + qi, task.g * group, rows);
+        inp.load_scaled_q(kern, task.b, task.i0 + qi, task.g * group, rows);
     }
     let visible = |r: usize| start + task.i0 + r / group + 1;
     let n_keys = start + task.i1;
@@ -417,7 +414,7 @@ fn decode_task<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, task: &De
     let (m, l) = stats.split_at_mut(group);
     m.fill(f32::NEG_INFINITY);
     let mut q = vec![0f32; group * d];
-    inp.load_scaled_q(task.b, 0, task.g * group, &mut q);
+    inp.load_scaled_q(kern, task.b, 0, task.g * group, &mut q);
 
     let direct_k = T::as_f32(inp.k).map(|k| (&k[inp.k_view.row(task.b, 0, task.g)..], inp.k_view.stride[1]));
     let direct_v = T::as_f32(inp.v).map(|v| (&v[inp.v_view.row(task.b, 0, task.g)..], inp.v_view.stride[1]));
@@ -430,7 +427,7 @@ fn decode_task<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, task: &De
         let (keys, ldk) = match direct_k {
             Some((k, ldk)) => (&k[j0 * ldk..], ldk),
             None => {
-                load_rows(inp.k, &inp.k_view, task.b, task.g, j0, n, d, &mut k_block);
+                load_rows(kern, inp.k, &inp.k_view, task.b, task.g, j0, n, d, &mut k_block);
                 (&k_block[..], d)
             }
         };
@@ -444,7 +441,7 @@ fn decode_task<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, task: &De
         let (values, ldv) = match direct_v {
             Some((v, ldv)) => (&v[j0 * ldv..], ldv),
             None => {
-                load_rows(inp.v, &inp.v_view, task.b, task.g, j0, n, d, &mut v_block);
+                load_rows(kern, inp.v, &inp.v_view, task.b, task.g, j0, n, d, &mut v_block);
                 (&v_block[..], d)
             }
         };
@@ -457,10 +454,18 @@ fn decode_task<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, task: &De
 
 /// Rows `j0 .. j0 + n` of kv head `g` of sequence `b`, converted to f32 `[n, d]`.
 #[allow(clippy::too_many_arguments)]
-fn load_rows<T: KvElement>(src: &[T], view: &View4, b: usize, g: usize, j0: usize, n: usize, d: usize, dst: &mut [f32]) {
-    for (j, row) in dst.chunks_exact_mut(d).take(n).enumerate() {
-        T::load_f32(&src[view.row(b, j0 + j, g)..][..d], row);
-    }
+fn load_rows<T: KvElement, K: Kernels>(
+    kern: K,
+    src: &[T],
+    view: &View4,
+    b: usize,
+    g: usize,
+    j0: usize,
+    n: usize,
+    d: usize,
+    dst: &mut [f32],
+) {
+    T::load_f32(kern, &src[view.row(b, j0, g)..], view.stride[1], n, d, dst);
 }
 
 #[cfg(test)]

@@ -6,6 +6,9 @@
 //! A tile covers at most 4 query rows (`rows` in 1..=4), so a group of rows' accumulators
 //! (4 rows x 64 columns = 16 AVX-512 registers) stays in registers across a whole key block.
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
 /// The micro-kernels one ISA provides. All matrices are f32, row-major with explicit strides
 /// (`ld*`); `rows` is 1..=4. Panics only on violated internal preconditions (slice bounds).
 #[allow(clippy::too_many_arguments)]
@@ -24,6 +27,13 @@ pub(crate) trait Kernels: Copy + Send + Sync {
     /// `l * exp(m - m_new) + sum p`. Returns the factor `exp(m - m_new)` that rescales the
     /// row's accumulator (1 when `valid == 0`, leaving the row unchanged).
     fn softmax_block(self, s: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32;
+
+    /// `dst[r*width + t] = f32(src[r*ld + t])` for `r < rows`, `t < width` (a block of rows
+    /// widened into a dense f32 tile).
+    fn widen_f16(self, src: &[f16], ld: usize, rows: usize, width: usize, dst: &mut [f32]);
+
+    /// [`Kernels::widen_f16`] for bf16 storage.
+    fn widen_bf16(self, src: &[bf16], ld: usize, rows: usize, width: usize, dst: &mut [f32]);
 
     /// `acc[r*d + t] = acc[r*d + t] * corr[r] + sum_{j < nkeys} p[r*ldp + j] * v[j*ldv + t]`.
     fn pv(
@@ -68,6 +78,18 @@ impl Isa {
 pub(crate) struct Portable;
 
 impl Kernels for Portable {
+    fn widen_f16(self, src: &[f16], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        for (r, row) in dst.chunks_exact_mut(width).take(rows).enumerate() {
+            src[r * ld..r * ld + width].convert_to_f32_slice(row);
+        }
+    }
+
+    fn widen_bf16(self, src: &[bf16], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        for (r, row) in dst.chunks_exact_mut(width).take(rows).enumerate() {
+            src[r * ld..r * ld + width].convert_to_f32_slice(row);
+        }
+    }
+
     fn scores(self, rows: usize, q: &[f32], d: usize, kt: &[f32], ldk: usize, ncols: usize, out: &mut [f32], ldo: usize) {
         for r in 0..rows {
             let out_row = &mut out[r * ldo..r * ldo + ncols];
@@ -155,6 +177,8 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
+    use half::{bf16, f16};
+
     use super::Kernels;
 
     /// Proof that the running CPU supports AVX-512F: only [`Avx512::detect`] creates one.
@@ -170,6 +194,19 @@ mod avx512 {
     }
 
     impl Kernels for Avx512 {
+        fn widen_f16(self, src: &[f16], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+            // SAFETY: the token proves AVX-512F support (see `scores`).
+            unsafe { widen::<false>(src, ld, rows, width, dst) }
+        }
+
+        fn widen_bf16(self, src: &[bf16], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+            // SAFETY: the token proves AVX-512F support (see `scores`). `bf16` and `f16` are
+            // both transparent wrappers of u16, so the slice is reinterpreted as such.
+            let bits = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<f16>(), src.len()) };
+            // SAFETY: as above.
+            unsafe { widen::<true>(bits, ld, rows, width, dst) }
+        }
+
         fn scores(self, rows: usize, q: &[f32], d: usize, kt: &[f32], ldk: usize, ncols: usize, out: &mut [f32], ldo: usize) {
             // SAFETY: an `Avx512` token exists only after `is_x86_feature_detected!("avx512f")`
             // returned true, so the target feature of the callee is present.
@@ -231,6 +268,40 @@ mod avx512 {
                     4 => pv_tile::<4>(p, ldp, nkeys, v, ldv, d, corr, acc),
                     _ => unreachable!("pv tiles have 1..=4 rows, got {rows}"),
                 }
+            }
+        }
+    }
+
+    /// Widens a block of 16-bit rows to f32: IEEE half with `vcvtph2ps` (`BF16 == false`), or
+    /// bfloat16 bit patterns (`BF16 == true`: zero-extend and shift into the high half).
+    #[target_feature(enable = "avx512f")]
+    fn widen<const BF16: bool>(src: &[f16], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        assert!(dst.len() >= rows * width);
+        assert!(rows == 0 || src.len() >= (rows - 1) * ld + width);
+        let full = width / 16 * 16;
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+        for r in 0..rows {
+            if r + 8 < rows {
+                for t in (0..width).step_by(32) {
+                    _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add((r + 8) * ld + t).cast::<i8>());
+                }
+            }
+            for t in (0..full).step_by(16) {
+                // SAFETY: t + 16 <= width: r*ld + t + 16 <= src.len() and r*width + t + 16 <=
+                // dst.len() (asserted above); 16 transparent u16 values are the 32 bytes read.
+                unsafe {
+                    let half = _mm256_loadu_si256(sp.add(r * ld + t).cast::<__m256i>());
+                    let wide = if BF16 {
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(half)))
+                    } else {
+                        _mm512_cvtph_ps(half)
+                    };
+                    _mm512_storeu_ps(dp.add(r * width + t), wide);
+                }
+            }
+            for t in full..width {
+                let x = src[r * ld + t];
+                dst[r * width + t] = if BF16 { f32::from_bits(u32::from(x.to_bits()) << 16) } else { x.to_f32() };
             }
         }
     }
