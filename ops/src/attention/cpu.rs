@@ -22,7 +22,7 @@ use crate::host::{Element, num_threads, rows_layout, tensor_from_vec, with_slice
 /// Keys per block: a transposed K block and a V block of 64 x 64 f32 fit in L1 together.
 const KEY_BLOCK: usize = 64;
 /// Query rows (positions x heads of one kv group) a prefill task aims for.
-const PROMPT_ROWS_PER_TASK: usize = 96;
+const PROMPT_ROWS_PER_TASK: usize = 48;
 /// Shortest key chunk a decode task gets; below it task and merge overhead dominate.
 const DECODE_MIN_CHUNK: usize = 256;
 
@@ -162,38 +162,42 @@ pub(super) fn prompt_attention(
 
 /// The keys and values of one (sequence, kv head) as f32 tiles.
 struct PackedKv {
-    /// Keys transposed, `[D, padded]`, zero beyond the live keys.
+    /// Keys in transposed blocks: block `j / KEY_BLOCK` is a dense `[D, KEY_BLOCK]` tile (row
+    /// stride 256 bytes, so a tile never thrashes a few L1 sets the way one `[D, n]` matrix
+    /// with a multi-kilobyte row stride would); zero beyond the live keys.
     kt: Vec<f32>,
-    /// Row stride of `kt`: the key count rounded up to [`KEY_BLOCK`].
-    padded: usize,
-    /// Values `[n, D]` when the cache is not f32 (f32 caches are read in place).
+    /// Values `[n, D]`, contiguous.
     v: Vec<f32>,
+}
+
+impl PackedKv {
+    /// The transposed tile of the key block starting at key `j0` (a multiple of KEY_BLOCK).
+    fn key_tile(&self, j0: usize, d: usize) -> &[f32] {
+        &self.kt[j0 * d..(j0 + KEY_BLOCK) * d]
+    }
 }
 
 fn pack_kv<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, b: usize, g: usize, n: usize) -> PackedKv {
     let d = inp.dims.head_dim;
-    let padded = n.next_multiple_of(KEY_BLOCK);
-    let mut kt = vec![0f32; d * padded];
+    let mut kt = vec![0f32; d * n.next_multiple_of(KEY_BLOCK)];
     // 16 keys at a time so the transposed stores are 16 contiguous floats.
     let mut rows = vec![0f32; 16 * d];
     for j0 in (0..n).step_by(16) {
         let cnt = (n - j0).min(16);
         T::load_f32(kern, &inp.k[inp.k_view.row(b, j0, g)..], inp.k_view.stride[1], cnt, d, &mut rows);
+        let tile = &mut kt[(j0 / KEY_BLOCK) * KEY_BLOCK * d..][..KEY_BLOCK * d];
+        let col = j0 % KEY_BLOCK;
         for t in 0..d {
-            let dst = &mut kt[t * padded + j0..t * padded + j0 + cnt];
-            for (jj, x) in dst.iter_mut().enumerate() {
+            for (jj, x) in tile[t * KEY_BLOCK + col..][..cnt].iter_mut().enumerate() {
                 *x = rows[jj * d + t];
             }
         }
     }
-    let v = if T::as_f32(inp.v).is_some() || n == 0 {
-        Vec::new()
-    } else {
-        let mut v = vec![0f32; n * d];
+    let mut v = vec![0f32; n * d];
+    if n > 0 {
         T::load_f32(kern, &inp.v[inp.v_view.row(b, 0, g)..], inp.v_view.stride[1], n, d, &mut v);
-        v
-    };
-    PackedKv { kt, padded, v }
+    }
+    PackedKv { kt, v }
 }
 
 /// A prefill task: query positions `i0 .. i1` (all below `q_lens[b]`) of sequence `b`, all
@@ -273,17 +277,13 @@ fn prompt_task<T: KvElement, K: Kernels>(
     let visible = |r: usize| start + task.i0 + r / group + 1;
     let n_keys = start + task.i1;
 
-    let (v_rows, ldv): (&[f32], usize) = match T::as_f32(inp.v) {
-        Some(v) => (&v[inp.v_view.row(task.b, 0, task.g)..], inp.v_view.stride[1]),
-        None => (&packed.v, d),
-    };
     let mut acc = vec![0f32; n_rows * d];
     let mut m = vec![f32::NEG_INFINITY; n_rows];
     let mut l = vec![0f32; n_rows];
     let mut s = vec![0f32; 4 * KEY_BLOCK];
     for j0 in (0..n_keys).step_by(KEY_BLOCK) {
-        let kt = &packed.kt[j0..];
-        let v_block = &v_rows[j0 * ldv..];
+        let kt = packed.key_tile(j0, d);
+        let v_block = &packed.v[j0 * d..];
         for r0 in (0..n_rows).step_by(4) {
             let rows = (n_rows - r0).min(4);
             let valid = |r: usize| visible(r).saturating_sub(j0).min(KEY_BLOCK);
@@ -293,13 +293,13 @@ fn prompt_task<T: KvElement, K: Kernels>(
                 // Earlier positions than this key block: later tiles may still see it.
                 continue;
             }
-            kern.scores(rows, &q[r0 * d..], d, kt, packed.padded, live.next_multiple_of(16), &mut s, KEY_BLOCK);
+            kern.scores(rows, &q[r0 * d..], d, kt, KEY_BLOCK, live.next_multiple_of(16), &mut s, KEY_BLOCK);
             let mut corr = [1f32; 4];
             for (rr, c) in corr.iter_mut().enumerate().take(rows) {
                 let row = &mut s[rr * KEY_BLOCK..rr * KEY_BLOCK + live];
                 *c = kern.softmax_block(row, valid(r0 + rr), &mut m[r0 + rr], &mut l[r0 + rr]);
             }
-            kern.pv(rows, &s, KEY_BLOCK, live, v_block, ldv, d, &corr, &mut acc[r0 * d..]);
+            kern.pv(rows, &s, KEY_BLOCK, live, v_block, d, d, &corr, &mut acc[r0 * d..]);
         }
     }
     for (qi, dst) in out_rows.iter_mut().enumerate() {
@@ -545,3 +545,4 @@ mod tests {
         assert_eq!(decode_chunk_len(&[1500], 3, 2), 576);
     }
 }
+

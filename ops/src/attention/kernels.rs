@@ -281,11 +281,6 @@ mod avx512 {
         let full = width / 16 * 16;
         let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
         for r in 0..rows {
-            if r + 8 < rows {
-                for t in (0..width).step_by(32) {
-                    _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add((r + 8) * ld + t).cast::<i8>());
-                }
-            }
             for t in (0..full).step_by(16) {
                 // SAFETY: t + 16 <= width: r*ld + t + 16 <= src.len() and r*width + t + 16 <=
                 // dst.len() (asserted above); 16 transparent u16 values are the 32 bytes read.
