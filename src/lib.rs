@@ -132,10 +132,17 @@ impl Model {
     /// assert_eq!(next.dims(), &[1, 64]);
     /// # Ok(()) }
     /// ```
-    pub fn from_weights(config: ModelConfig, weights: &Weights, device: DeviceSpec, options: ModelOptions) -> Result<Self> {
+    pub fn from_weights(
+        config: ModelConfig,
+        weights: &Weights,
+        device: DeviceSpec,
+        options: ModelOptions,
+    ) -> Result<Self> {
         check_device(device)?;
         let engine = match device {
-            DeviceSpec::Cpu => Engine::Cpu(Transformer::new(CpuBackend::new(options.dtype)?, config, weights, options.cache)?),
+            DeviceSpec::Cpu => {
+                Engine::Cpu(Transformer::new(CpuBackend::new(options.dtype)?, config, weights, options.cache)?)
+            }
             other => bail!("device {other} is not available in this build"),
         };
         Ok(Self { engine, tokenizer: None, device })
@@ -226,5 +233,8 @@ fn check_device(device: DeviceSpec) -> Result<()> {
 /// Sets the number of CPU threads the kernels use (default: all cores). Call once, before
 /// loading a model; later calls return an error.
 pub fn set_threads(threads: usize) -> Result<()> {
-    rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build_global().context("the thread pool is already running")
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build_global()
+        .context("the thread pool is already running")
 }

@@ -46,7 +46,12 @@ fn batch_of_three_ragged_prompts_matches_each_alone() {
         for (i, p) in prompts.iter().enumerate() {
             let mut single = model(arch, 1, 64, DType::F32);
             let alone = generate(&mut single, std::slice::from_ref(p), &cfg, &[], |_, _| {}).unwrap();
-            assert_eq!(together.tokens[i], alone.tokens[0], "{arch:?}: prompt {i} (len {}) differs in a batch", p.len());
+            assert_eq!(
+                together.tokens[i],
+                alone.tokens[0],
+                "{arch:?}: prompt {i} (len {}) differs in a batch",
+                p.len()
+            );
         }
         assert_eq!(together.tokens.iter().map(Vec::len).sum::<usize>(), 48);
     }
@@ -80,7 +85,7 @@ fn half_precision_models_track_f32() {
 fn requests_beyond_the_cache_are_rejected() {
     let mut m = model(Architecture::Llama, 1, 16, DType::F32);
     let prompt = common::random_prompt(300, 10, 4);
-    let err = generate(&mut m, &[prompt.clone()], &SamplingConfig::greedy(7), &[], |_, _| {}).unwrap_err();
+    let err = generate(&mut m, std::slice::from_ref(&prompt), &SamplingConfig::greedy(7), &[], |_, _| {}).unwrap_err();
     assert!(matches!(err, ModelError::CacheFull { capacity: 16, requested: 17 }), "{err}");
     assert!(err.to_string().contains("16 positions"), "{err}");
     // Exactly at capacity works.
@@ -96,7 +101,7 @@ fn requests_beyond_the_cache_are_rejected() {
 fn eos_stops_a_sequence() {
     let mut m = model(Architecture::Llama, 1, 64, DType::F32);
     let prompt = common::random_prompt(300, 6, 5);
-    let free = generate(&mut m, &[prompt.clone()], &SamplingConfig::greedy(8), &[], |_, _| {}).unwrap();
+    let free = generate(&mut m, std::slice::from_ref(&prompt), &SamplingConfig::greedy(8), &[], |_, _| {}).unwrap();
     let stop = free.tokens[0][3];
     let first = free.tokens[0].iter().position(|&t| t == stop).unwrap();
     let mut m = model(Architecture::Llama, 1, 64, DType::F32);
@@ -110,7 +115,7 @@ fn sampling_is_reproducible_for_a_seed() {
     let cfg = SamplingConfig { temperature: 0.8, top_k: Some(40), top_p: Some(0.95), seed: 11, max_tokens: 12 };
     let run = || {
         let mut m = model(Architecture::Qwen2, 1, 64, DType::F32);
-        generate(&mut m, &[prompt.clone()], &cfg, &[], |_, _| {}).unwrap().tokens
+        generate(&mut m, std::slice::from_ref(&prompt), &cfg, &[], |_, _| {}).unwrap().tokens
     };
     assert_eq!(run(), run());
 }

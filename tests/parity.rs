@@ -36,7 +36,9 @@ fn run(name: &str, cfg: ModelConfig, seed: u64) {
     let prompt = random_prompt(cfg.vocab_size, 11, seed);
     let outcome = check_parity(name, &cfg, &weights, &prompt, 32).unwrap();
     if let ParityOutcome::DivergedAtNearTie { step, margin } = outcome {
-        eprintln!("{name}: greedy paths diverged at step {step}, where the reference's top-two margin is {margin:.2e} (< 1e-4): accepted");
+        eprintln!(
+            "{name}: greedy paths diverged at step {step}, where the reference's top-two margin is {margin:.2e} (< 1e-4): accepted"
+        );
     }
 }
 

@@ -38,7 +38,8 @@ fn both_models_know_the_capital_of_france() {
 #[test]
 fn real_batch_matches_single_prompts() {
     let path = known_model("smollm2-135m-instruct");
-    let questions = ["What is the capital of France?", "Name three colors.", "Explain in one sentence why the sky is blue."];
+    let questions =
+        ["What is the capital of France?", "Name three colors.", "Explain in one sentence why the sky is blue."];
     let mut batched = Model::load(
         &path,
         "cpu",

@@ -69,7 +69,8 @@ pub fn run(default_model: &str) -> Result<()> {
     }
     let prompts: Vec<String> = match &args.batch {
         Some(file) => {
-            let text = std::fs::read_to_string(file).with_context(|| format!("reading prompts from {}", file.display()))?;
+            let text =
+                std::fs::read_to_string(file).with_context(|| format!("reading prompts from {}", file.display()))?;
             let lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
             if lines.is_empty() {
                 bail!("{} holds no prompt", file.display());
@@ -111,12 +112,14 @@ pub fn run(default_model: &str) -> Result<()> {
         }
         tokens.push(tok);
         // Print the newly completed text; hold back a trailing partial UTF-8 sequence.
-        if let Ok(text) = bundle.tokenizer.decode(&tokens, true) {
-            if !text.ends_with('\u{fffd}') && text.len() > printed.len() && text.starts_with(&printed) {
-                let _ = write!(stdout, "{}", &text[printed.len()..]);
-                let _ = stdout.flush();
-                printed = text;
-            }
+        if let Ok(text) = bundle.tokenizer.decode(&tokens, true)
+            && !text.ends_with('\u{fffd}')
+            && text.len() > printed.len()
+            && text.starts_with(&printed)
+        {
+            let _ = write!(stdout, "{}", &text[printed.len()..]);
+            let _ = stdout.flush();
+            printed = text;
         }
     })?;
     if streaming {

@@ -29,10 +29,7 @@ pub fn is_chatml(template: &str) -> bool {
 /// template, or none, is [`ModelError::UnsupportedConfig`].
 pub fn format_chat(bundle: &TokenizerBundle, user: &str) -> Result<String> {
     match bundle.chat_template.as_deref() {
-        Some(template) if is_chatml(template) => Ok(chatml_prompt(
-            default_system_prompt(template).as_deref(),
-            user,
-        )),
+        Some(template) if is_chatml(template) => Ok(chatml_prompt(default_system_prompt(template).as_deref(), user)),
         Some(_) => Err(ModelError::UnsupportedConfig(
             "the chat template is not ChatML (only ChatML templates are supported); \
              use plain text generation instead"
@@ -50,9 +47,7 @@ pub fn chatml_prompt(system: Option<&str>, user: &str) -> String {
     if let Some(system) = system {
         out.push_str(&format!("{IM_START}system\n{system}{IM_END}\n"));
     }
-    out.push_str(&format!(
-        "{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
-    ));
+    out.push_str(&format!("{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"));
     out
 }
 
@@ -67,10 +62,7 @@ pub fn default_system_prompt(template: &str) -> Option<String> {
     while let Some(found) = template[search..].find(&marker) {
         let start = search + found;
         search = start + marker.len();
-        let quote = template[..start]
-            .chars()
-            .next_back()
-            .filter(|c| matches!(c, '\'' | '"'));
+        let quote = template[..start].chars().next_back().filter(|c| matches!(c, '\'' | '"'));
         let rest = &template[search..];
         let body = if let Some(r) = rest.strip_prefix("\\n") {
             r
@@ -152,10 +144,7 @@ mod tests {
         let plain = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}";
         assert_eq!(default_system_prompt(plain), None);
         assert_eq!(
-            default_system_prompt(
-                "{{ \"<|im_start|>system\\nIt\\'s \\\"fine\\\"<|im_end|>\\n\" }}"
-            )
-            .as_deref(),
+            default_system_prompt("{{ \"<|im_start|>system\\nIt\\'s \\\"fine\\\"<|im_end|>\\n\" }}").as_deref(),
             Some("It's \"fine\"")
         );
     }
@@ -166,10 +155,7 @@ mod tests {
             chatml_prompt(Some("S"), "What is the capital of France?"),
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
         );
-        assert_eq!(
-            chatml_prompt(None, "hi"),
-            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        assert_eq!(chatml_prompt(None, "hi"), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
         assert!(is_chatml(SMOLLM2) && is_chatml(QWEN25) && !is_chatml("[INST] {{ x }} [/INST]"));
     }
 
@@ -177,23 +163,10 @@ mod tests {
     fn templates_other_than_chatml_are_errors() {
         let tokenizer = tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default());
         let none = TokenizerBundle::new(tokenizer.clone(), None, None, vec![]);
-        assert!(matches!(
-            format_chat(&none, "hi"),
-            Err(ModelError::UnsupportedConfig(_))
-        ));
-        let other = TokenizerBundle::new(
-            tokenizer.clone(),
-            Some("[INST] {{ m }} [/INST]".into()),
-            None,
-            vec![],
-        );
-        assert!(matches!(
-            format_chat(&other, "hi"),
-            Err(ModelError::UnsupportedConfig(_))
-        ));
+        assert!(matches!(format_chat(&none, "hi"), Err(ModelError::UnsupportedConfig(_))));
+        let other = TokenizerBundle::new(tokenizer.clone(), Some("[INST] {{ m }} [/INST]".into()), None, vec![]);
+        assert!(matches!(format_chat(&other, "hi"), Err(ModelError::UnsupportedConfig(_))));
         let chatml = TokenizerBundle::new(tokenizer, Some(SMOLLM2.into()), None, vec![]);
-        assert!(
-            format_chat(&chatml, "hi").is_ok_and(|p| p.starts_with("<|im_start|>system\nYou are"))
-        );
+        assert!(format_chat(&chatml, "hi").is_ok_and(|p| p.starts_with("<|im_start|>system\nYou are")));
     }
 }

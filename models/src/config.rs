@@ -61,19 +61,21 @@ impl ModelConfig {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
             return bad("num_heads, num_kv_heads and num_layers must be positive".into());
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_heads ({}) must be a multiple of num_kv_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim must be even and positive, got {}", self.head_dim));
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
             return bad("vocab_size, hidden_size and intermediate_size must be positive".into());
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        // Written so that NaN is rejected too.
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 || self.rope_theta.is_nan() || self.rope_theta <= 0.0
+        {
             return bad("rms_norm_eps and rope_theta must be positive".into());
         }
         Ok(())
@@ -91,8 +93,8 @@ impl ModelConfig {
 
     /// Parses an HF `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let raw: HfConfig = serde_json::from_str(text)
-            .map_err(|e| ModelError::UnsupportedConfig(format!("config.json: {e}")))?;
+        let raw: HfConfig =
+            serde_json::from_str(text).map_err(|e| ModelError::UnsupportedConfig(format!("config.json: {e}")))?;
         let arch_name = raw
             .architectures
             .as_ref()

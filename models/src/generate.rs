@@ -118,7 +118,8 @@ pub fn generate<B: Backend>(
     }
     let mut processors: Vec<LogitsProcessor> =
         (0..batch).map(|b| LogitsProcessor::from_sampling(cfg.seed.wrapping_add(b as u64), cfg.sampling())).collect();
-    let mut out = GenerationOutput { tokens: vec![Vec::new(); batch], prompt_tokens: lens.iter().sum(), ..Default::default() };
+    let mut out =
+        GenerationOutput { tokens: vec![Vec::new(); batch], prompt_tokens: lens.iter().sum(), ..Default::default() };
     if cfg.max_tokens == 0 {
         return Ok(out);
     }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 /// A candle-transformers model with its own (growing) KV cache.
 pub enum ReferenceModel {
-    Llama { model: llama::Llama, cache: llama::Cache, config: llama::Config, dtype: DType },
+    Llama { model: Box<llama::Llama>, cache: llama::Cache, config: llama::Config, dtype: DType },
     Qwen2(qwen2::ModelForCausalLM),
 }
 
@@ -21,7 +21,7 @@ impl ReferenceModel {
             Architecture::Llama => {
                 let cfg = config.to_candle_llama();
                 let cache = llama::Cache::new(true, dtype, &cfg, &Device::Cpu)?;
-                Self::Llama { model: llama::Llama::load(vb, &cfg)?, cache, config: cfg, dtype }
+                Self::Llama { model: Box::new(llama::Llama::load(vb, &cfg)?), cache, config: cfg, dtype }
             }
             Architecture::Qwen2 => Self::Qwen2(qwen2::ModelForCausalLM::new(&config.to_candle_qwen2(), vb)?),
         })

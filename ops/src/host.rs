@@ -71,7 +71,11 @@ macro_rules! dispatch_float {
 
 /// Calls `f` with the CPU storage slice of `t` (from element 0 of the storage, not of the
 /// view) and its layout. Fails for non-CPU tensors or a dtype other than `T`.
-pub fn with_slice<T: Element, R>(t: &Tensor, op: &'static str, f: impl FnOnce(&[T], &Layout) -> Result<R>) -> Result<R> {
+pub fn with_slice<T: Element, R>(
+    t: &Tensor,
+    op: &'static str,
+    f: impl FnOnce(&[T], &Layout) -> Result<R>,
+) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         Storage::Cpu(cpu) => f(cpu.as_slice::<T>()?, layout),
@@ -99,7 +103,7 @@ fn cast_slice_mut<A: 'static, B: 'static>(v: &mut [A]) -> &mut [B] {
 }
 
 /// Typed view of a CPU storage slice for reading inside an in-place op.
-pub fn storage_ref<'a, T: Element>(storage: &'a CpuStorage) -> Result<&'a [T]> {
+pub fn storage_ref<T: Element>(storage: &CpuStorage) -> Result<&[T]> {
     storage.as_slice::<T>()
 }
 
@@ -113,10 +117,11 @@ pub fn tensor_from_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Tens
 /// projection output.
 pub fn rows_layout(layout: &Layout, op: &'static str, name: &str) -> Result<(usize, Vec<usize>)> {
     let stride = layout.stride();
-    if let Some(&last) = stride.last() {
-        if last != 1 && layout.dims().last().copied().unwrap_or(1) > 1 {
-            bail!("{op}: `{name}` must be contiguous in its last dimension (strides {stride:?})");
-        }
+    if let Some(&last) = stride.last()
+        && last != 1
+        && layout.dims().last().copied().unwrap_or(1) > 1
+    {
+        bail!("{op}: `{name}` must be contiguous in its last dimension (strides {stride:?})");
     }
     Ok((layout.start_offset(), stride.to_vec()))
 }

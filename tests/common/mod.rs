@@ -59,7 +59,13 @@ pub fn random_prompt(vocab: usize, len: usize, seed: u64) -> Vec<u32> {
 }
 
 /// Checks logits and `steps` greedy tokens of our engine against candle-transformers.
-pub fn check_parity(name: &str, cfg: &ModelConfig, weights: &Weights, prompt: &[u32], steps: usize) -> Result<ParityOutcome> {
+pub fn check_parity(
+    name: &str,
+    cfg: &ModelConfig,
+    weights: &Weights,
+    prompt: &[u32],
+    steps: usize,
+) -> Result<ParityOutcome> {
     let cache = CacheConfig { max_batch: 1, max_seq_len: prompt.len() + steps + 1 };
     let mut ours = Transformer::new(CpuBackend::new(DType::F32)?, cfg.clone(), weights, cache)?;
     let mut reference = ReferenceModel::new(cfg, weights.tensors(), DType::F32)?;
@@ -67,8 +73,8 @@ pub fn check_parity(name: &str, cfg: &ModelConfig, weights: &Weights, prompt: &[
     let ids = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
     let mut ours_logits = ours.forward(prompt, prompt.len(), &[0], &[prompt.len()])?;
     let mut ref_logits = reference.forward(&ids, 0)?;
-    let mut pos = prompt.len();
     for step in 0..steps {
+        let pos = prompt.len() + step;
         let rel = relative_error(&ours_logits, &ref_logits)?;
         ensure!(rel <= LOGITS_RTOL, "{name}: step {step}: logits relative error {rel:.3e} > {LOGITS_RTOL:e}");
         let (ref_tok, margin) = top_two(&ref_logits.flatten_all()?.to_vec1::<f32>()?);
@@ -77,14 +83,15 @@ pub fn check_parity(name: &str, cfg: &ModelConfig, weights: &Weights, prompt: &[
             if margin < NEAR_TIE {
                 return Ok(ParityOutcome::DivergedAtNearTie { step, margin });
             }
-            bail!("{name}: greedy token {step} differs: ours {our_tok}, reference {ref_tok} (reference margin {margin:.2e})");
+            bail!(
+                "{name}: greedy token {step} differs: ours {our_tok}, reference {ref_tok} (reference margin {margin:.2e})"
+            );
         }
         if step + 1 == steps {
             break;
         }
         ours_logits = ours.forward(&[our_tok], 1, &[pos], &[1])?;
         ref_logits = reference.forward(&Tensor::new(&[[ref_tok]], &Device::Cpu)?, pos)?;
-        pos += 1;
     }
     Ok(ParityOutcome::Identical)
 }

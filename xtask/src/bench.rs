@@ -67,7 +67,10 @@ struct Contender(std::process::Child);
 
 impl Contender {
     fn start() -> Result<Self> {
-        let child = std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().context("starting the contending process")?;
+        let child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .context("starting the contending process")?;
         Ok(Self(child))
     }
 }
@@ -111,15 +114,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let max_batch = args.batches.iter().copied().max().unwrap_or(1);
         let cap = CacheConfig { max_batch, max_seq_len: (args.prompt_len + 1).max(64 + args.decode_steps + 1) };
         let mut ours = Transformer::new(CpuBackend::new(DType::F32)?, cfg.clone(), &ckpt.weights, cap)?;
-        let mut reference = if args.no_reference {
-            None
-        } else {
-            Some(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?)
-        };
+        let mut reference =
+            if args.no_reference { None } else { Some(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?) };
         drop(ckpt);
         for &batch in &args.batches {
-            let mut prefill = Row { model: name.clone(), metric: format!("prefill {}x{}", batch, args.prompt_len), ours: Samples::default(), reference: Samples::default() };
-            let mut decode = Row { model: name.clone(), metric: format!("decode batch {batch}"), ours: Samples::default(), reference: Samples::default() };
+            let mut prefill = Row {
+                model: name.clone(),
+                metric: format!("prefill {}x{}", batch, args.prompt_len),
+                ours: Samples::default(),
+                reference: Samples::default(),
+            };
+            let mut decode = Row {
+                model: name.clone(),
+                metric: format!("decode batch {batch}"),
+                ours: Samples::default(),
+                reference: Samples::default(),
+            };
             for rep in 0..args.reps + 1 {
                 let warmup = rep == 0;
                 let ids = prompt(cfg.vocab_size, batch, args.prompt_len, 17 + rep as u64);
@@ -142,7 +152,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 // Decode after a 64-token prompt.
                 let short = &ids[..batch * 64.min(args.prompt_len)];
                 let plen = short.len() / batch;
-                let short: Vec<u32> = (0..batch).flat_map(|b| ids[b * args.prompt_len..b * args.prompt_len + plen].to_vec()).collect();
+                let short: Vec<u32> =
+                    (0..batch).flat_map(|b| ids[b * args.prompt_len..b * args.prompt_len + plen].to_vec()).collect();
                 ours.forward(&short, plen, &starts, &vec![plen; batch])?;
                 let ones = vec![1usize; batch];
                 let mut next = vec![1u32; batch];
@@ -187,7 +198,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!("\n| model | metric | ours tokens/s (median, min..max) | candle-transformers tokens/s | ratio |");
     println!("|---|---|---|---|---|");
     for r in &rows {
-        let (refm, refs) = if r.reference.0.is_empty() { (f64::NAN, "-".to_string()) } else { (r.reference.median(), r.reference.spread()) };
+        let (refm, refs) = if r.reference.0.is_empty() {
+            (f64::NAN, "-".to_string())
+        } else {
+            (r.reference.median(), r.reference.spread())
+        };
         println!(
             "| {} | {} | {:.1} ({}) | {:.1} ({}) | {:.2}x |",
             r.model,

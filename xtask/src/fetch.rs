@@ -44,13 +44,10 @@ pub fn run(args: FetchArgs) -> anyhow::Result<()> {
         out
     };
     let cache = fetch::cache_dir(args.cache.as_deref());
-    let options = FetchOptions {
-        quiet: args.quiet,
-        ..FetchOptions::from_env()
-    };
+    let options = FetchOptions { quiet: args.quiet, ..FetchOptions::from_env() };
     for artifact in selected {
-        let path = fetch::ensure_with(artifact, &cache, &options)
-            .with_context(|| format!("fetching {}", artifact.name))?;
+        let path =
+            fetch::ensure_with(artifact, &cache, &options).with_context(|| format!("fetching {}", artifact.name))?;
         println!("{}\t{}", artifact.name, path.display());
     }
     Ok(())

@@ -50,7 +50,10 @@ impl Backend for CpuBackend {
 
     fn new_kv_cache(&self, batch: usize, capacity: usize, kv_heads: usize, head_dim: usize) -> Result<CpuKvCache> {
         let shape = (batch, capacity, kv_heads, head_dim);
-        Ok(CpuKvCache { k: Tensor::zeros(shape, self.dtype, &Device::Cpu)?, v: Tensor::zeros(shape, self.dtype, &Device::Cpu)? })
+        Ok(CpuKvCache {
+            k: Tensor::zeros(shape, self.dtype, &Device::Cpu)?,
+            v: Tensor::zeros(shape, self.dtype, &Device::Cpu)?,
+        })
     }
 
     fn gather_rows(&self, table: &Tensor, ids: &[u32], batch: usize, seq: usize) -> Result<Tensor> {
@@ -116,7 +119,8 @@ impl Backend for CpuBackend {
         if s == 1 {
             return Ok(x.clone());
         }
-        let rows: Vec<Tensor> = index.iter().enumerate().map(|(bi, &i)| x.i((bi..bi + 1, i..i + 1))).collect::<Result<_>>()?;
+        let rows: Vec<Tensor> =
+            index.iter().enumerate().map(|(bi, &i)| x.i((bi..bi + 1, i..i + 1))).collect::<Result<_>>()?;
         Tensor::cat(&rows, 0)
     }
 

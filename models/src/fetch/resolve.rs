@@ -11,11 +11,7 @@ use std::path::{Path, PathBuf};
 /// ([`super::known_models`]), or an HF repo id `org/name` already present in the local hf-hub
 /// cache (`HF_HUB_CACHE`, `HF_HOME/hub` or `~/.cache/huggingface/hub`; never downloaded).
 /// `None` means `default_name`, a known artifact. Uses [`FetchOptions::from_env`].
-pub fn resolve_model(
-    arg: Option<&str>,
-    default_name: &str,
-    cache_flag: Option<&Path>,
-) -> Result<PathBuf> {
+pub fn resolve_model(arg: Option<&str>, default_name: &str, cache_flag: Option<&Path>) -> Result<PathBuf> {
     resolve_model_with(arg, default_name, cache_flag, &FetchOptions::from_env())
 }
 
@@ -26,10 +22,7 @@ pub fn resolve_model_with(
     cache_flag: Option<&Path>,
     options: &FetchOptions,
 ) -> Result<PathBuf> {
-    let name = arg
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-        .unwrap_or(default_name);
+    let name = arg.map(str::trim).filter(|a| !a.is_empty()).unwrap_or(default_name);
     let path = Path::new(name);
     if path.is_file() {
         return Ok(path.to_path_buf());
@@ -37,16 +30,10 @@ pub fn resolve_model_with(
     if path.is_dir() {
         return model_in_folder(path);
     }
-    let unknown = |reason: String| ModelError::UnknownModel {
-        name: name.to_string(),
-        reason,
-    };
+    let unknown = |reason: String| ModelError::UnknownModel { name: name.to_string(), reason };
     if let Some(artifact) = find_known(name) {
         if artifact.kind == ArtifactKind::Data {
-            return Err(unknown(format!(
-                "`{}` is a data file, not a model",
-                artifact.name
-            )));
+            return Err(unknown(format!("`{}` is a data file, not a model", artifact.name)));
         }
         return ensure_with(artifact, &cache_dir(cache_flag), options);
     }
@@ -62,10 +49,7 @@ pub fn resolve_model_with(
         });
     }
     if path.extension().is_some() || name.contains(std::path::MAIN_SEPARATOR) {
-        return Err(ModelError::BadFile {
-            path: path.to_path_buf(),
-            reason: "no such file or folder".into(),
-        });
+        return Err(ModelError::BadFile { path: path.to_path_buf(), reason: "no such file or folder".into() });
     }
     Err(unknown(format!(
         "not a file or folder, not a known model ({}), and not an HF repo id `org/name`",
@@ -88,10 +72,7 @@ fn model_in_folder(dir: &Path) -> Result<PathBuf> {
         }),
         many => Err(ModelError::BadFile {
             path: dir.to_path_buf(),
-            reason: format!(
-                "the folder holds {} .gguf files; pass one of them",
-                many.len()
-            ),
+            reason: format!("the folder holds {} .gguf files; pass one of them", many.len()),
         }),
     }
 }
@@ -102,11 +83,7 @@ fn gguf_files(dir: &Path) -> Vec<PathBuf> {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        })
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
         .collect();
     out.sort();
     out
@@ -119,8 +96,7 @@ fn is_repo_id(name: &str) -> bool {
         s.is_some_and(|s| {
             !s.is_empty()
                 && !s.starts_with('.')
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         })
     };
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
@@ -129,22 +105,14 @@ fn is_repo_id(name: &str) -> bool {
 /// Root of the local hf-hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
 /// `~/.cache/huggingface/hub` (hf-hub's own default).
 fn hf_cache_root() -> PathBuf {
-    let var = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = var("HF_HUB_CACHE") {
         return dir;
     }
     if let Some(home) = var("HF_HOME") {
         return home.join("hub");
     }
-    var("HOME")
-        .unwrap_or_else(std::env::temp_dir)
-        .join(".cache")
-        .join("huggingface")
-        .join("hub")
+    var("HOME").unwrap_or_else(std::env::temp_dir).join(".cache").join("huggingface").join("hub")
 }
 
 /// The snapshot of `repo_id` (revision `main`) in the local hf-hub cache: its folder when it has

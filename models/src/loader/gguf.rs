@@ -13,22 +13,13 @@ use std::io::BufReader;
 use std::path::Path;
 
 pub(super) fn load_gguf(path: &Path, dtype: DType) -> Result<Checkpoint> {
-    let bad = |reason: String| ModelError::BadFile {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| ModelError::BadFile { path: path.to_path_buf(), reason };
     let file = File::open(path).map_err(|e| bad(e.to_string()))?;
-    let content = Content::read(&mut BufReader::new(file))
-        .map_err(|e| bad(format!("not a valid GGUF file: {e}")))?;
+    let content = Content::read(&mut BufReader::new(file)).map_err(|e| bad(format!("not a valid GGUF file: {e}")))?;
     let tokenizer = tokenizer_from_gguf(&content.metadata)?;
     let config = config_from_gguf(&content.metadata, &content.tensor_infos, &tokenizer)?;
     let weights = read_weights(path, &content, &config, dtype)?;
-    Ok(Checkpoint {
-        config,
-        weights,
-        tokenizer,
-        source: path.to_path_buf(),
-    })
+    Ok(Checkpoint { config, weights, tokenizer, source: path.to_path_buf() })
 }
 
 /// The HF name of a GGUF tensor, or `None` for tensors the decoder does not use.
@@ -80,16 +71,10 @@ pub fn config_from_gguf(
             Some(v) => as_int(v)
                 .and_then(|i| usize::try_from(i).ok())
                 .map(Some)
-                .ok_or_else(|| {
-                    unsupported(format!(
-                        "{} is {v:?}, expected a non-negative integer",
-                        key(k)
-                    ))
-                }),
+                .ok_or_else(|| unsupported(format!("{} is {v:?}, expected a non-negative integer", key(k)))),
         }
     };
-    let required =
-        |k: &str| int(k)?.ok_or_else(|| unsupported(format!("metadata has no {}", key(k))));
+    let required = |k: &str| int(k)?.ok_or_else(|| unsupported(format!("metadata has no {}", key(k))));
     let float = |k: &str| -> Option<f64> {
         match metadata.get(&key(k))? {
             Value::F32(v) => Some(*v as f64),
@@ -107,25 +92,16 @@ pub fn config_from_gguf(
         None => 0,
     };
     if let Some(rope_dim) = int("rope.dimension_count")?.filter(|&d| d != head_dim) {
-        return Err(unsupported(format!(
-            "partial rotary embeddings (rope dims {rope_dim} of head_dim {head_dim})"
-        )));
+        return Err(unsupported(format!("partial rotary embeddings (rope dims {rope_dim} of head_dim {head_dim})")));
     }
-    if let Some(kind) = metadata
-        .get(&key("rope.scaling.type"))
-        .and_then(|v| v.to_string().ok())
-    {
+    if let Some(kind) = metadata.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()) {
         let factor = float("rope.scaling.factor").unwrap_or(1.0);
         if kind != "none" && !(kind == "linear" && factor == 1.0) {
-            return Err(unsupported(format!(
-                "rope scaling `{kind}` (factor {factor})"
-            )));
+            return Err(unsupported(format!("rope scaling `{kind}` (factor {factor})")));
         }
     }
     if tensors.contains_key("rope_freqs.weight") {
-        return Err(unsupported(
-            "llama3-style rope frequency factors (rope_freqs.weight)".into(),
-        ));
+        return Err(unsupported("llama3-style rope frequency factors (rope_freqs.weight)".into()));
     }
     let config = ModelConfig {
         architecture,
@@ -140,12 +116,8 @@ pub fn config_from_gguf(
         num_heads,
         num_kv_heads,
         head_dim,
-        rms_norm_eps: float("attention.layer_norm_rms_epsilon").ok_or_else(|| {
-            unsupported(format!(
-                "metadata has no {}",
-                key("attention.layer_norm_rms_epsilon")
-            ))
-        })?,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon")
+            .ok_or_else(|| unsupported(format!("metadata has no {}", key("attention.layer_norm_rms_epsilon"))))?,
         rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
         max_position_embeddings: int("context_length")?.unwrap_or(4096),
         tie_word_embeddings: !tensors.contains_key("output.weight"),
@@ -157,16 +129,8 @@ pub fn config_from_gguf(
     Ok(config)
 }
 
-fn read_weights(
-    path: &Path,
-    content: &Content,
-    config: &ModelConfig,
-    dtype: DType,
-) -> Result<Weights> {
-    let bad = |reason: String| ModelError::BadFile {
-        path: path.to_path_buf(),
-        reason,
-    };
+fn read_weights(path: &Path, content: &Content, config: &ModelConfig, dtype: DType) -> Result<Weights> {
+    let bad = |reason: String| ModelError::BadFile { path: path.to_path_buf(), reason };
     let mut names: Vec<(&String, &TensorInfo)> = content.tensor_infos.iter().collect();
     names.sort_by_key(|(_, info)| info.offset);
     let mut wanted = Vec::new();
@@ -209,24 +173,11 @@ fn read_weights(
 
 /// Checks the row count against the configuration before undoing the permutation, so a bad
 /// tensor reports its expected shape instead of a reshape failure.
-fn unpermute_named(
-    tensor: Tensor,
-    heads: usize,
-    config: &ModelConfig,
-    name: &str,
-) -> Result<Tensor> {
+fn unpermute_named(tensor: Tensor, heads: usize, config: &ModelConfig, name: &str) -> Result<Tensor> {
     let rows = heads * config.head_dim;
-    let expected = if name.ends_with(".bias") {
-        vec![rows]
-    } else {
-        vec![rows, config.hidden_size]
-    };
+    let expected = if name.ends_with(".bias") { vec![rows] } else { vec![rows, config.hidden_size] };
     if tensor.dims() != expected.as_slice() {
-        return Err(ModelError::WeightShape {
-            name: name.to_string(),
-            expected,
-            got: tensor.dims().to_vec(),
-        });
+        return Err(ModelError::WeightShape { name: name.to_string(), expected, got: tensor.dims().to_vec() });
     }
     unpermute_qk(&tensor, heads)
 }
@@ -250,9 +201,7 @@ fn swap_row_halves(weight: &Tensor, heads: usize, to_gguf: bool) -> Result<Tenso
     let dims = weight.dims().to_vec();
     let rows = dims.first().copied().unwrap_or(0);
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
-        return Err(ModelError::InvalidInput(format!(
-            "cannot split {rows} rows into {heads} heads of even size"
-        )));
+        return Err(ModelError::InvalidInput(format!("cannot split {rows} rows into {heads} heads of even size")));
     }
     let half = rows / heads / 2;
     let tail: Vec<usize> = dims[1..].to_vec();
@@ -260,11 +209,7 @@ fn swap_row_halves(weight: &Tensor, heads: usize, to_gguf: bool) -> Result<Tenso
     let (a, b) = if to_gguf { (2, half) } else { (half, 2) };
     let mut view = vec![heads, a, b];
     view.extend_from_slice(&tail);
-    Ok(weight
-        .reshape(view)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)?)
+    Ok(weight.reshape(view)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
 
 #[cfg(test)]
@@ -278,18 +223,9 @@ mod tests {
             ("output.weight", "lm_head.weight"),
             ("output_norm.weight", "model.norm.weight"),
             ("blk.3.attn_q.bias", "model.layers.3.self_attn.q_proj.bias"),
-            (
-                "blk.12.attn_output.weight",
-                "model.layers.12.self_attn.o_proj.weight",
-            ),
-            (
-                "blk.0.ffn_norm.weight",
-                "model.layers.0.post_attention_layernorm.weight",
-            ),
-            (
-                "blk.0.ffn_down.weight",
-                "model.layers.0.mlp.down_proj.weight",
-            ),
+            ("blk.12.attn_output.weight", "model.layers.12.self_attn.o_proj.weight"),
+            ("blk.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight"),
+            ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
         ];
         for (gguf, hf) in cases {
             assert_eq!(hf_name_for_gguf(gguf).as_deref(), Some(hf));
@@ -311,18 +247,14 @@ mod tests {
                 for j in 0..2 {
                     let dst = h * head_dim + 2 * i + j;
                     let src = h * head_dim + j * head_dim / 2 + i;
-                    gguf[dst * cols..(dst + 1) * cols]
-                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                    gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
                 }
             }
         }
         let hf_t = Tensor::from_vec(hf.clone(), (rows, cols), &Device::Cpu)?;
         let gguf_t = Tensor::from_vec(gguf, (rows, cols), &Device::Cpu)?;
         let permuted = permute_qk_like_llama_cpp(&hf_t, heads)?;
-        assert_eq!(
-            permuted.flatten_all()?.to_vec1::<f32>()?,
-            gguf_t.flatten_all()?.to_vec1::<f32>()?
-        );
+        assert_eq!(permuted.flatten_all()?.to_vec1::<f32>()?, gguf_t.flatten_all()?.to_vec1::<f32>()?);
         let back = unpermute_qk(&gguf_t, heads)?;
         assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, hf);
         // Biases: one value per row.

@@ -18,26 +18,16 @@ pub(super) fn load_hf_folder(dir: &Path, dtype: DType) -> Result<Checkpoint> {
     if !tokenizer_path.is_file() {
         return Err(missing(&tokenizer_path));
     }
-    let tokenizer =
-        tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::BadFile {
-            path: tokenizer_path.clone(),
-            reason: e.to_string(),
-        })?;
-    let bundle = TokenizerBundle::new(
-        tokenizer,
-        chat_template(dir)?,
-        config.bos_token_id,
-        config.eos_token_ids.clone(),
-    );
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| ModelError::BadFile { path: tokenizer_path.clone(), reason: e.to_string() })?;
+    let bundle =
+        TokenizerBundle::new(tokenizer, chat_template(dir)?, config.bos_token_id, config.eos_token_ids.clone());
     config.eos_token_ids = bundle.eos_token_ids.clone();
 
     let mut tensors = HashMap::new();
     for shard in shard_files(dir)? {
         let _span = tracing::debug_span!("safetensors", shard = %shard.display()).entered();
-        let bad = |reason: String| ModelError::BadFile {
-            path: shard.clone(),
-            reason,
-        };
+        let bad = |reason: String| ModelError::BadFile { path: shard.clone(), reason };
         let bytes = std::fs::read(&shard).map_err(|e| bad(e.to_string()))?;
         let loaded = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
@@ -45,9 +35,7 @@ pub(super) fn load_hf_folder(dir: &Path, dtype: DType) -> Result<Checkpoint> {
         for (name, tensor) in loaded {
             let tensor: Tensor = cast_float(tensor, dtype)?;
             if tensors.insert(name.clone(), tensor).is_some() {
-                return Err(bad(format!(
-                    "tensor `{name}` appears in more than one shard"
-                )));
+                return Err(bad(format!("tensor `{name}` appears in more than one shard")));
             }
         }
     }
@@ -60,10 +48,7 @@ pub(super) fn load_hf_folder(dir: &Path, dtype: DType) -> Result<Checkpoint> {
 }
 
 fn missing(path: &Path) -> ModelError {
-    ModelError::BadFile {
-        path: path.to_path_buf(),
-        reason: "no such file".into(),
-    }
+    ModelError::BadFile { path: path.to_path_buf(), reason: "no such file".into() }
 }
 
 fn read_required(dir: &Path, name: &str) -> Result<String> {
@@ -71,27 +56,18 @@ fn read_required(dir: &Path, name: &str) -> Result<String> {
     if !path.is_file() {
         return Err(missing(&path));
     }
-    std::fs::read_to_string(&path).map_err(|e| ModelError::BadFile {
-        path,
-        reason: e.to_string(),
-    })
+    std::fs::read_to_string(&path).map_err(|e| ModelError::BadFile { path, reason: e.to_string() })
 }
 
 /// The shards to load: those the index names (all must exist), else every `*.safetensors`.
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index_path = dir.join(INDEX);
     if index_path.is_file() {
-        let bad = |reason: String| ModelError::BadFile {
-            path: index_path.clone(),
-            reason,
-        };
+        let bad = |reason: String| ModelError::BadFile { path: index_path.clone(), reason };
         let text = std::fs::read_to_string(&index_path).map_err(|e| bad(e.to_string()))?;
-        let index: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let map = index
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let map =
+            index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
         let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
         if files.is_empty() {
             return Err(bad("`weight_map` names no files".into()));
@@ -100,10 +76,7 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         for file in files {
             let path = dir.join(file);
             if file.contains("..") || !path.is_file() {
-                return Err(ModelError::BadFile {
-                    path,
-                    reason: format!("shard listed in {INDEX} is missing"),
-                });
+                return Err(ModelError::BadFile { path, reason: format!("shard listed in {INDEX} is missing") });
             }
             out.push(path);
         }
@@ -128,24 +101,15 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
 fn chat_template(dir: &Path) -> Result<Option<String>> {
     let config_path = dir.join("tokenizer_config.json");
     if config_path.is_file() {
-        let bad = |reason: String| ModelError::BadFile {
-            path: config_path.clone(),
-            reason,
-        };
+        let bad = |reason: String| ModelError::BadFile { path: config_path.clone(), reason };
         let text = std::fs::read_to_string(&config_path).map_err(|e| bad(e.to_string()))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         match value.get("chat_template") {
             Some(serde_json::Value::String(t)) => return Ok(Some(t.clone())),
             Some(serde_json::Value::Array(list)) => {
-                let named = |n: &serde_json::Value| {
-                    n.get("name").and_then(|x| x.as_str()) == Some("default")
-                };
+                let named = |n: &serde_json::Value| n.get("name").and_then(|x| x.as_str()) == Some("default");
                 let pick = list.iter().find(|n| named(n)).or(list.first());
-                if let Some(t) = pick
-                    .and_then(|n| n.get("template"))
-                    .and_then(|t| t.as_str())
-                {
+                if let Some(t) = pick.and_then(|n| n.get("template")).and_then(|t| t.as_str()) {
                     return Ok(Some(t.to_string()));
                 }
             }

@@ -59,10 +59,7 @@ impl Weights {
         self.tensors
             .get(name)
             .cloned()
-            .ok_or_else(|| ModelError::MissingWeight {
-                name: name.to_string(),
-                path: self.source.clone(),
-            })
+            .ok_or_else(|| ModelError::MissingWeight { name: name.to_string(), path: self.source.clone() })
     }
 
     /// The tensor called `name`, checked to have exactly `shape` ([`ModelError::WeightShape`]).
@@ -143,10 +140,7 @@ pub fn expected_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let q = config.num_heads * config.head_dim;
     let kv = config.num_kv_heads * config.head_dim;
     let ff = config.intermediate_size;
-    let mut out = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![config.vocab_size, h],
-    )];
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![config.vocab_size, h])];
     for i in 0..config.num_layers {
         let p = format!("model.layers.{i}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -176,19 +170,14 @@ pub fn expected_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 pub fn load_checkpoint(path: &Path, dtype: DType) -> Result<Checkpoint> {
     let _span = tracing::info_span!("load_checkpoint", path = %path.display(), ?dtype).entered();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(ModelError::UnsupportedConfig(format!(
-            "weights load as f32, f16 or bf16, not {dtype:?}"
-        )));
+        return Err(ModelError::UnsupportedConfig(format!("weights load as f32, f16 or bf16, not {dtype:?}")));
     }
     let checkpoint = if path.is_dir() {
         hf::load_hf_folder(path, dtype)?
     } else if path.is_file() {
         gguf::load_gguf(path, dtype)?
     } else {
-        return Err(ModelError::BadFile {
-            path: path.to_path_buf(),
-            reason: "no such file or folder".into(),
-        });
+        return Err(ModelError::BadFile { path: path.to_path_buf(), reason: "no such file or folder".into() });
     };
     checkpoint.config.validate()?;
     checkpoint.weights.check(&checkpoint.config)?;
@@ -203,9 +192,7 @@ pub fn load_checkpoint(path: &Path, dtype: DType) -> Result<Checkpoint> {
 /// Casts float tensors to `dtype`; other dtypes are left alone.
 fn cast_float(tensor: Tensor, dtype: DType) -> Result<Tensor> {
     Ok(match tensor.dtype() {
-        DType::F16 | DType::BF16 | DType::F32 | DType::F64 if tensor.dtype() != dtype => {
-            tensor.to_dtype(dtype)?
-        }
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64 if tensor.dtype() != dtype => tensor.to_dtype(dtype)?,
         _ => tensor,
     })
 }

@@ -20,7 +20,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// The Qwen2 pre-tokenizer regex, as Qwen2's `tokenizer.json` writes it.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
@@ -69,28 +70,18 @@ impl TokenizerBundle {
                 }
             }
         }
-        Self {
-            tokenizer,
-            chat_template,
-            bos_token_id,
-            eos_token_ids: eos,
-        }
+        Self { tokenizer, chat_template, bos_token_id, eos_token_ids: eos }
     }
 
     /// Token ids of `text`; special tokens written in the text (`<|im_start|>`) map to their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let encoding = self.tokenizer.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.tokenizer.decode(ids, false).map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     /// True when `id` ends generation.
@@ -104,22 +95,14 @@ fn err(message: impl Into<String>) -> ModelError {
 }
 
 fn get<'a>(metadata: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
-    metadata
-        .get(key)
-        .ok_or_else(|| err(format!("GGUF metadata has no `{key}`")))
+    metadata.get(key).ok_or_else(|| err(format!("GGUF metadata has no `{key}`")))
 }
 
 fn string_array(metadata: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
-    let values = get(metadata, key)?
-        .to_vec()
-        .map_err(|_| err(format!("`{key}` is not an array")))?;
+    let values = get(metadata, key)?.to_vec().map_err(|_| err(format!("`{key}` is not an array")))?;
     values
         .iter()
-        .map(|v| {
-            v.to_string()
-                .cloned()
-                .map_err(|_| err(format!("`{key}` holds a non-string value")))
-        })
+        .map(|v| v.to_string().cloned().map_err(|_| err(format!("`{key}` holds a non-string value"))))
         .collect()
 }
 
@@ -159,40 +142,26 @@ pub fn tokenizer_from_gguf(metadata: &HashMap<String, Value>) -> Result<Tokenize
         .into_iter()
         .map(|m| match m.split_once(' ') {
             Some((a, b)) => Ok((a.to_string(), b.to_string())),
-            None => Err(err(format!(
-                "merge `{m}` is not two space-separated pieces"
-            ))),
+            None => Err(err(format!("merge `{m}` is not two space-separated pieces"))),
         })
         .collect::<Result<Vec<_>>>()?;
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
-        .collect();
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
         .map_err(|e| err(format!("building the BPE model: {e}")))?;
     let mut tokenizer = Tokenizer::new(bpe);
 
-    let pre = metadata
-        .get("tokenizer.ggml.pre")
-        .and_then(|v| v.to_string().ok())
-        .map(String::as_str);
+    let pre = metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str);
     match pre {
         Some("smollm") => {
             let digits = Digits::new(true);
             let byte_level = ByteLevel::new(false, true, true);
-            tokenizer
-                .with_pre_tokenizer(Some(Sequence::new(vec![digits.into(), byte_level.into()])));
+            tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![digits.into(), byte_level.into()])));
         }
         Some("qwen2") => {
-            let split = Split::new(
-                SplitPattern::Regex(QWEN2_SPLIT.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| err(format!("qwen2 pre-tokenizer regex: {e}")))?;
+            let split = Split::new(SplitPattern::Regex(QWEN2_SPLIT.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| err(format!("qwen2 pre-tokenizer regex: {e}")))?;
             let byte_level = ByteLevel::new(false, false, false);
             tokenizer
                 .with_normalizer(Some(NFC))
@@ -201,9 +170,7 @@ pub fn tokenizer_from_gguf(metadata: &HashMap<String, Value>) -> Result<Tokenize
         }
         other => {
             if let Some(name) = other.filter(|p| *p != "gpt2" && *p != "default") {
-                tracing::warn!(
-                    "unknown tokenizer.ggml.pre `{name}`: using GPT-2 byte-level splitting"
-                );
+                tracing::warn!("unknown tokenizer.ggml.pre `{name}`: using GPT-2 byte-level splitting");
             }
             tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         }
@@ -214,25 +181,13 @@ pub fn tokenizer_from_gguf(metadata: &HashMap<String, Value>) -> Result<Tokenize
 
     let bos_token_id = token_id(metadata, "tokenizer.ggml.bos_token_id", tokens.len());
     let eos = token_id(metadata, "tokenizer.ggml.eos_token_id", tokens.len());
-    let chat_template = metadata
-        .get("tokenizer.chat_template")
-        .and_then(|v| v.to_string().ok())
-        .cloned();
-    Ok(TokenizerBundle::new(
-        tokenizer,
-        chat_template,
-        bos_token_id,
-        eos.into_iter().collect(),
-    ))
+    let chat_template = metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+    Ok(TokenizerBundle::new(tokenizer, chat_template, bos_token_id, eos.into_iter().collect()))
 }
 
 /// Control tokens (and BOS/EOS/padding) become special added tokens, user-defined ones plain added
 /// tokens: both are matched whole in the input, so `<|im_start|>` encodes to one id.
-fn add_special_tokens(
-    tokenizer: &mut Tokenizer,
-    metadata: &HashMap<String, Value>,
-    tokens: &[String],
-) -> Result<()> {
+fn add_special_tokens(tokenizer: &mut Tokenizer, metadata: &HashMap<String, Value>, tokens: &[String]) -> Result<()> {
     let mut special = Vec::new();
     let mut user = Vec::new();
     if let Some(Value::Array(types)) = metadata.get("tokenizer.ggml.token_type") {
@@ -252,19 +207,14 @@ fn add_special_tokens(
         }
     }
     for key in ["bos", "eos", "padding"] {
-        if let Some(id) = token_id(
-            metadata,
-            &format!("tokenizer.ggml.{key}_token_id"),
-            tokens.len(),
-        ) {
+        if let Some(id) = token_id(metadata, &format!("tokenizer.ggml.{key}_token_id"), tokens.len()) {
             let token = &tokens[id as usize];
             if !special.contains(token) && !user.contains(token) {
                 special.push(token.clone());
             }
         }
     }
-    let added =
-        |content: String, is_special: bool| AddedToken::from(content, is_special).normalized(false);
+    let added = |content: String, is_special: bool| AddedToken::from(content, is_special).normalized(false);
     tokenizer
         .add_special_tokens(special.into_iter().map(|t| added(t, true)))
         .map_err(|e| err(format!("adding special tokens: {e}")))?;

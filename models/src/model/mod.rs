@@ -102,7 +102,10 @@ impl<B: Backend> Transformer<B> {
         }
         let lm_head_host = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
             if !c.tie_word_embeddings {
-                return Err(ModelError::MissingWeight { name: "lm_head.weight".into(), path: weights.source().to_path_buf() });
+                return Err(ModelError::MissingWeight {
+                    name: "lm_head.weight".into(),
+                    path: weights.source().to_path_buf(),
+                });
             }
             embed_host.clone()
         } else {

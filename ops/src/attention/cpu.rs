@@ -1,67 +1,40 @@
 //! CPU drivers of the attention ops: tiling, threading (rayon) and storage dtypes. The
-//! arithmetic lives in the micro-kernels of `kernels.rs`; everything here is f32 scratch.
+//! arithmetic lives in the micro-kernels (`kernels.rs`, `avx512.rs`); everything here is f32
+//! scratch.
 //!
-//! Prefill: keys of each (sequence, kv head) are packed once into an f32 transposed block
-//! `[D, n]` (and values into f32 `[n, D]` when the cache is not f32). Tasks are
-//! (sequence, kv head, query block); a task owns the rows of all query heads of its kv group
-//! for a block of positions, walks the keys in blocks of [`KEY_BLOCK`] and, for every group of
-//! up to 4 rows, computes a score tile, updates the online softmax and accumulates P V. Each K/V
-//! block is thus reused from cache by every row of the task.
+//! Prefill: the keys of each (sequence, kv head) are packed once into f32 transposed tiles
+//! `[D, KEY_BLOCK]` and the values into a dense f32 `[n, D]` (this also widens f16/bf16 once).
+//! Tasks are (sequence, kv head, query block); a task owns the rows of all query heads of its
+//! kv group for a block of positions, walks the keys in blocks of [`KEY_BLOCK`] and, for every
+//! tile of up to 4 rows, computes scores, updates the online softmax and accumulates P V. Each
+//! K/V block is thus reused from L1/L2 by every row of the task (up to 192 rows), and key
+//! blocks past a tile's causal limit are skipped.
 //!
 //! Decode: tasks are (sequence, kv head, key chunk); each produces a partial (max, sum,
 //! accumulator) per query head and a final pass merges the partials of a (sequence, kv head).
+//! The caches are read in place in their storage dtype (the kernels widen f16/bf16 on load),
+//! one tile of up to 4 query heads at a time: scores, online softmax and P V for a block of
+//! [`KEY_BLOCK`] keys while it is hot in L1.
 
 use candle_core::{Device, Layout, Result, Tensor};
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::AttentionDims;
-use super::kernels::{Isa, Kernels, Portable};
-use crate::host::{Element, num_threads, rows_layout, tensor_from_vec, with_slice};
+use super::kernels::{Isa, Kernels, KvElement, Portable};
+use crate::host::{num_threads, rows_layout, tensor_from_vec, with_slice};
 
 /// Keys per block: a transposed K block and a V block of 64 x 64 f32 fit in L1 together.
 const KEY_BLOCK: usize = 64;
 /// Query rows (positions x heads of one kv group) a prefill task aims for.
-const PROMPT_ROWS_PER_TASK: usize = 48;
+const PROMPT_ROWS_PER_TASK: usize = 192;
 /// Shortest key chunk a decode task gets; below it task and merge overhead dominate.
 const DECODE_MIN_CHUNK: usize = 256;
-
-/// Storage elements the attention kernels read: widening of rows to f32 (with the kernels'
-/// conversion), and direct access when the storage already is f32.
-pub(crate) trait KvElement: Element {
-    /// `dst[r*width + t] = f32(src[r*ld + t])` for `r < rows`, `t < width`.
-    fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]);
-    fn as_f32(src: &[Self]) -> Option<&[f32]>;
-}
-
-impl KvElement for f32 {
-    fn load_f32<K: Kernels>(_: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
-        for (r, row) in dst.chunks_exact_mut(width).take(rows).enumerate() {
-            row.copy_from_slice(&src[r * ld..r * ld + width]);
-        }
-    }
-    fn as_f32(src: &[Self]) -> Option<&[f32]> {
-        Some(src)
-    }
-}
-
-impl KvElement for f16 {
-    fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
-        kern.widen_f16(src, ld, rows, width, dst);
-    }
-    fn as_f32(_: &[Self]) -> Option<&[f32]> {
-        None
-    }
-}
-
-impl KvElement for bf16 {
-    fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
-        kern.widen_bf16(src, ld, rows, width, dst);
-    }
-    fn as_f32(_: &[Self]) -> Option<&[f32]> {
-        None
-    }
-}
+/// Below this much decode work (keys x query heads x head dim, summed over the batch) the
+/// call runs on the calling thread: handing it to the rayon pool and back costs several
+/// microseconds, and its data is hot in this core's caches. Measured on the 2-core dev box
+/// (B=1, 9/3 heads, D=64, f32): 512 keys take ~15 us on the calling thread, ~27 us through
+/// the pool.
+const DECODE_SERIAL_WORK: usize = 1 << 19;
 
 /// A rank-4 view whose last dimension is contiguous: element `(a, b, c, t)` is at
 /// `offset + a*stride[0] + b*stride[1] + c*stride[2] + t` of the storage slice.
@@ -105,7 +78,7 @@ impl<T: KvElement> Inputs<'_, T> {
     }
 }
 
-/// Runs `f` with the typed storage of q, k and v, and the kernels of `isa`.
+/// Runs `f` with the typed storage slices and row views of q, k and v.
 fn with_inputs<T: KvElement, R>(
     op: &'static str,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -294,11 +267,12 @@ fn prompt_task<T: KvElement, K: Kernels>(
                 continue;
             }
             kern.scores(rows, &q[r0 * d..], d, kt, KEY_BLOCK, live.next_multiple_of(16), &mut s, KEY_BLOCK);
-            let mut corr = [1f32; 4];
-            for (rr, c) in corr.iter_mut().enumerate().take(rows) {
-                let row = &mut s[rr * KEY_BLOCK..rr * KEY_BLOCK + live];
-                *c = kern.softmax_block(row, valid(r0 + rr), &mut m[r0 + rr], &mut l[r0 + rr]);
+            let mut valid_keys = [0usize; 4];
+            for (rr, v) in valid_keys.iter_mut().enumerate().take(rows) {
+                *v = valid(r0 + rr);
             }
+            let mut corr = [1f32; 4];
+            kern.softmax_rows(rows, &mut s, KEY_BLOCK, live, &valid_keys, &mut m[r0..], &mut l[r0..], &mut corr);
             kern.pv(rows, &s, KEY_BLOCK, live, v_block, d, d, &corr, &mut acc[r0 * d..]);
         }
     }
@@ -313,8 +287,7 @@ fn prompt_task<T: KvElement, K: Kernels>(
     }
 }
 
-/// `chunk_keys` overrides the key-chunk length of the split (tests); `None` picks it from the
-/// work size and the rayon pool.
+/// `plan` overrides the split (tests); `None` picks it from the work size and the rayon pool.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn decode_attention(
     isa: Isa,
@@ -324,34 +297,45 @@ pub(super) fn decode_attention(
     kv_lens: &[usize],
     scale: f32,
     dims: &AttentionDims,
-    chunk_keys: Option<usize>,
+    plan: Option<DecodePlan>,
 ) -> Result<Tensor> {
     const OP: &str = "decode_attention";
     let shape = [dims.batch, 1, dims.heads, dims.head_dim];
     if shape.contains(&0) {
         return Tensor::zeros(&shape, dims.dtype, &Device::Cpu);
     }
-    let chunk = chunk_keys.unwrap_or_else(|| decode_chunk_len(kv_lens, dims.kv_heads, num_threads())).max(1);
+    let plan = plan.unwrap_or_else(|| decode_plan(kv_lens, dims, num_threads()));
     crate::dispatch_float!(dims.dtype, OP, T => {
         with_inputs::<T, _>(OP, (q, k, v), dims, scale, |inputs| {
             let out = match isa {
-                Isa::Portable => decode_run(Portable, inputs, kv_lens, chunk),
+                Isa::Portable => decode_run(Portable, inputs, kv_lens, plan),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512(simd) => decode_run(simd, inputs, kv_lens, chunk),
+                Isa::Avx512(simd) => decode_run(simd, inputs, kv_lens, plan),
             };
             tensor_from_vec(out, &shape)
         })
     })
 }
 
-/// Key-chunk length for decode: one chunk per (sequence, kv head) on one thread; otherwise
-/// about 4 tasks per thread, chunks of at least [`DECODE_MIN_CHUNK`] keys.
-fn decode_chunk_len(kv_lens: &[usize], kv_heads: usize, threads: usize) -> usize {
-    if threads <= 1 {
-        return usize::MAX;
+/// How a decode call is split into tasks and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DecodePlan {
+    /// Keys per task (each (sequence, kv head) is cut into chunks of this many keys).
+    pub chunk: usize,
+    /// Run the tasks on the rayon pool (else on the calling thread).
+    pub parallel: bool,
+}
+
+/// Small calls (below [`DECODE_SERIAL_WORK`]) or a one-thread pool: one task per
+/// (sequence, kv head) on the calling thread. Otherwise about 4 tasks per thread, key chunks
+/// of at least [`DECODE_MIN_CHUNK`] keys, on the pool.
+pub(super) fn decode_plan(kv_lens: &[usize], dims: &AttentionDims, threads: usize) -> DecodePlan {
+    let keys = kv_lens.iter().sum::<usize>();
+    if threads <= 1 || keys * dims.heads * dims.head_dim < DECODE_SERIAL_WORK {
+        return DecodePlan { chunk: usize::MAX, parallel: false };
     }
-    let total = kv_lens.iter().sum::<usize>() * kv_heads;
-    total.div_ceil(4 * threads).max(DECODE_MIN_CHUNK).next_multiple_of(KEY_BLOCK)
+    let chunk = (keys * dims.kv_heads).div_ceil(4 * threads).max(DECODE_MIN_CHUNK).next_multiple_of(KEY_BLOCK);
+    DecodePlan { chunk, parallel: true }
 }
 
 /// A decode task: keys `c0 .. c1` of sequence `b`, all query heads of kv head `g`.
@@ -363,7 +347,7 @@ struct DecodeTask {
     c1: usize,
 }
 
-fn decode_run<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, kv_lens: &[usize], chunk: usize) -> Vec<T> {
+fn decode_run<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, kv_lens: &[usize], plan: DecodePlan) -> Vec<T> {
     let AttentionDims { batch, heads, kv_heads, head_dim: d, .. } = inp.dims;
     let group = heads / kv_heads;
     let mut first_task = Vec::with_capacity(batch * kv_heads + 1);
@@ -371,8 +355,8 @@ fn decode_run<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, kv_lens: &
     for (b, &len) in kv_lens.iter().enumerate() {
         for g in 0..kv_heads {
             first_task.push(tasks.len());
-            for c0 in (0..len).step_by(chunk) {
-                tasks.push(DecodeTask { b, g, c0, c1: c0.saturating_add(chunk).min(len) });
+            for c0 in (0..len).step_by(plan.chunk.max(1)) {
+                tasks.push(DecodeTask { b, g, c0, c1: c0.saturating_add(plan.chunk).min(len) });
             }
         }
     }
@@ -381,7 +365,13 @@ fn decode_run<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, kv_lens: &
     // Partial per task: accumulators [group, d], then the running max and sum per head.
     let slot = group * (d + 2);
     let mut partials = vec![0f32; tasks.len() * slot];
-    partials.par_chunks_mut(slot).zip(tasks.par_iter()).for_each(|(part, task)| decode_task(kern, inp, task, part));
+    if plan.parallel {
+        partials.par_chunks_mut(slot).zip(tasks.par_iter()).for_each(|(part, task)| decode_task(kern, inp, task, part));
+    } else {
+        for (part, task) in partials.chunks_mut(slot).zip(&tasks) {
+            decode_task(kern, inp, task, part);
+        }
+    }
 
     let mut out = vec![T::from_f32(0.0); batch * heads * d];
     let mut merged = vec![0f32; d];
@@ -416,133 +406,21 @@ fn decode_task<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, task: &De
     let mut q = vec![0f32; group * d];
     inp.load_scaled_q(kern, task.b, 0, task.g * group, &mut q);
 
-    let direct_k = T::as_f32(inp.k).map(|k| (&k[inp.k_view.row(task.b, 0, task.g)..], inp.k_view.stride[1]));
-    let direct_v = T::as_f32(inp.v).map(|v| (&v[inp.v_view.row(task.b, 0, task.g)..], inp.v_view.stride[1]));
-    let scratch = if direct_k.is_some() { 0 } else { KEY_BLOCK * d };
-    let (mut k_block, mut v_block) = (vec![0f32; scratch], vec![0f32; scratch]);
+    // Keys and values are read in place, in their storage dtype (the kernels widen on load).
+    let (keys, ldk) = (&inp.k[inp.k_view.row(task.b, 0, task.g)..], inp.k_view.stride[1]);
+    let (values, ldv) = (&inp.v[inp.v_view.row(task.b, 0, task.g)..], inp.v_view.stride[1]);
     let mut s = vec![0f32; group * KEY_BLOCK];
     let mut corr = vec![1f32; group];
     for j0 in (task.c0..task.c1).step_by(KEY_BLOCK) {
         let n = (task.c1 - j0).min(KEY_BLOCK);
-        let (keys, ldk) = match direct_k {
-            Some((k, ldk)) => (&k[j0 * ldk..], ldk),
-            None => {
-                load_rows(kern, inp.k, &inp.k_view, task.b, task.g, j0, n, d, &mut k_block);
-                (&k_block[..], d)
-            }
-        };
         for r0 in (0..group).step_by(4) {
             let rows = (group - r0).min(4);
-            kern.dot(rows, &q[r0 * d..], d, keys, ldk, n, &mut s[r0 * KEY_BLOCK..], KEY_BLOCK);
-        }
-        for (h, c) in corr.iter_mut().enumerate() {
-            *c = kern.softmax_block(&mut s[h * KEY_BLOCK..h * KEY_BLOCK + n], n, &mut m[h], &mut l[h]);
-        }
-        let (values, ldv) = match direct_v {
-            Some((v, ldv)) => (&v[j0 * ldv..], ldv),
-            None => {
-                load_rows(kern, inp.v, &inp.v_view, task.b, task.g, j0, n, d, &mut v_block);
-                (&v_block[..], d)
-            }
-        };
-        for r0 in (0..group).step_by(4) {
-            let rows = (group - r0).min(4);
-            kern.pv(rows, &s[r0 * KEY_BLOCK..], KEY_BLOCK, n, values, ldv, d, &corr[r0..], &mut acc[r0 * d..]);
+            let s_rows = &mut s[r0 * KEY_BLOCK..];
+            kern.dot(rows, &q[r0 * d..], d, &keys[j0 * ldk..], ldk, n, s_rows, KEY_BLOCK);
+            let (m_rows, l_rows) = (&mut m[r0..], &mut l[r0..]);
+            kern.softmax_rows(rows, s_rows, KEY_BLOCK, n, &[n; 4], m_rows, l_rows, &mut corr[r0..]);
+            let (p, acc_rows) = (&s[r0 * KEY_BLOCK..], &mut acc[r0 * d..]);
+            kern.pv(rows, p, KEY_BLOCK, n, &values[j0 * ldv..], ldv, d, &corr[r0..], acc_rows);
         }
     }
 }
-
-/// Rows `j0 .. j0 + n` of kv head `g` of sequence `b`, converted to f32 `[n, d]`.
-#[allow(clippy::too_many_arguments)]
-fn load_rows<T: KvElement, K: Kernels>(
-    kern: K,
-    src: &[T],
-    view: &View4,
-    b: usize,
-    g: usize,
-    j0: usize,
-    n: usize,
-    d: usize,
-    dst: &mut [f32],
-) {
-    T::load_f32(kern, &src[view.row(b, j0, g)..], view.stride[1], n, d, dst);
-}
-
-#[cfg(test)]
-mod tests {
-    //! The portable kernels and the decode chunk split, which the public entry points only
-    //! reach on CPUs without AVX-512 or with a multi-threaded pool; here they are forced.
-
-    use super::*;
-    use crate::attention::{
-        decode_attention_reference, prompt_attention_reference, validate_decode, validate_prompt,
-    };
-    use crate::testing::{Rng, Tolerance, assert_close, case_id};
-    use candle_core::DType;
-
-    fn isas(head_dim: usize) -> Vec<(&'static str, Isa)> {
-        let mut all = vec![("portable", Isa::Portable)];
-        let simd = Isa::detect(head_dim);
-        if !matches!(simd, Isa::Portable) {
-            all.push(("simd", simd));
-        }
-        all
-    }
-
-    #[test]
-    fn prompt_attention_every_isa() -> Result<()> {
-        let mut rng = Rng::fresh("attention::cpu::prompt_attention_every_isa");
-        for dtype in [DType::F32, DType::BF16] {
-            for (d, heads, kv_heads) in [(64, 9, 3), (48, 4, 2), (20, 2, 1)] {
-                let (b, s, t) = (2, 70, 160);
-                let (q_start, q_lens) = ([10, 0], [70, 33]);
-                let q = rng.tensor(&[b, s, heads, d], -2.0, 2.0, dtype)?;
-                let k = rng.tensor(&[b, t, kv_heads, d], -2.0, 2.0, dtype)?;
-                let v = rng.tensor(&[b, t, kv_heads, d], -1.0, 1.0, dtype)?;
-                let scale = 1.0 / (d as f32).sqrt();
-                let reference = prompt_attention_reference(&q, &k, &v, &q_start, &q_lens, scale)?;
-                let dims = validate_prompt("test", &q, &k, &v, &q_start, &q_lens, scale)?;
-                for (name, isa) in isas(d) {
-                    let got = prompt_attention(isa, &q, &k, &v, &q_start, &q_lens, scale, &dims)?;
-                    let id = case_id("PROMPT_ATTENTION", dtype, &[b, s, heads, d], &format!("kv_heads={kv_heads},{name}"));
-                    assert_close(&id, &got, &reference, Tolerance::for_dtype(dtype))?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn decode_attention_every_isa_and_chunking() -> Result<()> {
-        let mut rng = Rng::fresh("attention::cpu::decode_attention_every_isa_and_chunking");
-        for dtype in [DType::F32, DType::F16] {
-            for (d, heads, kv_heads) in [(64, 14, 2), (128, 4, 4), (40, 6, 3)] {
-                let (b, t) = (3, 700);
-                let kv_lens = [700, 1, 129];
-                let q = rng.tensor(&[b, 1, heads, d], -2.0, 2.0, dtype)?;
-                let k = rng.tensor(&[b, t, kv_heads, d], -2.0, 2.0, dtype)?;
-                let v = rng.tensor(&[b, t, kv_heads, d], -1.0, 1.0, dtype)?;
-                let scale = 1.0 / (d as f32).sqrt();
-                let reference = decode_attention_reference(&q, &k, &v, &kv_lens, scale)?;
-                let dims = validate_decode("test", &q, &k, &v, &kv_lens, scale)?;
-                for (name, isa) in isas(d) {
-                    for chunk in [None, Some(64), Some(100), Some(usize::MAX)] {
-                        let got = decode_attention(isa, &q, &k, &v, &kv_lens, scale, &dims, chunk)?;
-                        let extra = format!("kv_heads={kv_heads},{name},chunk={chunk:?}");
-                        let id = case_id("DECODE_ATTENTION", dtype, &[b, 1, heads, d], &extra);
-                        assert_close(&id, &got, &reference, Tolerance::for_dtype(dtype))?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn decode_chunking_splits_when_threads_are_idle() {
-        assert_eq!(decode_chunk_len(&[512], 3, 1), usize::MAX);
-        assert_eq!(decode_chunk_len(&[512], 3, 2), 256);
-        assert_eq!(decode_chunk_len(&[1500], 3, 2), 576);
-    }
-}
-

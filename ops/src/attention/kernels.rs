@@ -3,11 +3,55 @@
 //! implementation selected at run time ([`Isa::detect`]); the drivers in `cpu.rs` are generic
 //! over [`Kernels`] and monomorphized per ISA.
 //!
+//! The AVX-512 implementation lives in `avx512.rs`.
+//!
 //! A tile covers at most 4 query rows (`rows` in 1..=4), so a group of rows' accumulators
 //! (4 rows x 64 columns = 16 AVX-512 registers) stays in registers across a whole key block.
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+
+use crate::host::Element;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use super::avx512::Lanes as SimdLoad;
+
+/// Elements the SIMD kernels can load directly (AVX-512 on x86-64; nothing elsewhere).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait SimdLoad {}
+#[cfg(not(target_arch = "x86_64"))]
+impl SimdLoad for f32 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl SimdLoad for f16 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl SimdLoad for bf16 {}
+
+/// Storage elements of q, k and v: the kernels read them directly ([`SimdLoad`]), widen
+/// blocks of rows to f32 with [`KvElement::load_f32`], and read f32 storage in place.
+pub(crate) trait KvElement: Element + SimdLoad {
+    /// `dst[r*width + t] = f32(src[r*ld + t])` for `r < rows`, `t < width`.
+    fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]);
+}
+
+impl KvElement for f32 {
+    fn load_f32<K: Kernels>(_: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        for (r, row) in dst.chunks_exact_mut(width).take(rows).enumerate() {
+            row.copy_from_slice(&src[r * ld..r * ld + width]);
+        }
+    }
+}
+
+impl KvElement for f16 {
+    fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        kern.widen_f16(src, ld, rows, width, dst);
+    }
+}
+
+impl KvElement for bf16 {
+    fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        kern.widen_bf16(src, ld, rows, width, dst);
+    }
+}
 
 /// The micro-kernels one ISA provides. All matrices are f32, row-major with explicit strides
 /// (`ld*`); `rows` is 1..=4. Panics only on violated internal preconditions (slice bounds).
@@ -15,18 +59,50 @@ use half::{bf16, f16};
 pub(crate) trait Kernels: Copy + Send + Sync {
     /// `out[r*ldo + j] = sum_t q[r*d + t] * kt[t*ldk + j]` for `r < rows`, `j < ncols`
     /// (`kt` is a key block transposed to `[d, ncols]`; `ncols` is a multiple of 16).
-    fn scores(self, rows: usize, q: &[f32], d: usize, kt: &[f32], ldk: usize, ncols: usize, out: &mut [f32], ldo: usize);
+    fn scores(
+        self,
+        rows: usize,
+        q: &[f32],
+        d: usize,
+        kt: &[f32],
+        ldk: usize,
+        ncols: usize,
+        out: &mut [f32],
+        ldo: usize,
+    );
 
     /// `out[r*ldo + j] = sum_t q[r*d + t] * k[j*ldk + t]` for `r < rows`, `j < nkeys`
-    /// (keys in their natural row-major layout; used by decode, where each key is read once).
-    fn dot(self, rows: usize, q: &[f32], d: usize, k: &[f32], ldk: usize, nkeys: usize, out: &mut [f32], ldo: usize);
+    /// (keys in their natural row-major layout and storage dtype, widened on load; used by
+    /// decode, where each key is read once).
+    fn dot<E: KvElement>(
+        self,
+        rows: usize,
+        q: &[f32],
+        d: usize,
+        k: &[E],
+        ldk: usize,
+        nkeys: usize,
+        out: &mut [f32],
+        ldo: usize,
+    );
 
-    /// Online-softmax update of one query row over one key block. `s[..valid]` holds the
-    /// block's scores; on return `s[j] = exp(s[j] - m_new)` for `j < valid` and `0` for the
-    /// rest of `s`; `m` becomes `m_new = max(m, max s[..valid])`, `l` becomes
-    /// `l * exp(m - m_new) + sum p`. Returns the factor `exp(m - m_new)` that rescales the
-    /// row's accumulator (1 when `valid == 0`, leaving the row unchanged).
-    fn softmax_block(self, s: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32;
+    /// Online-softmax update of a tile of `rows` query rows over one key block. Row `r`'s
+    /// scores are `s[r*lds .. r*lds + valid[r]]`, with `valid[r] <= live <= lds`. On return
+    /// `s[r*lds + j] = exp(s[r*lds + j] - m_new)` for `j < valid[r]` and `0` for
+    /// `valid[r] <= j < live`; `m[r]` becomes `m_new = max(m[r], the row's scores)`, `l[r]`
+    /// becomes `l[r] * corr[r] + sum p`, and `corr[r] = exp(m_old - m_new)` is the factor
+    /// that rescales the row's accumulator (1 when `valid[r] == 0`: the row is unchanged).
+    fn softmax_rows(
+        self,
+        rows: usize,
+        s: &mut [f32],
+        lds: usize,
+        live: usize,
+        valid: &[usize],
+        m: &mut [f32],
+        l: &mut [f32],
+        corr: &mut [f32],
+    );
 
     /// `dst[r*width + t] = f32(src[r*ld + t])` for `r < rows`, `t < width` (a block of rows
     /// widened into a dense f32 tile).
@@ -35,14 +111,15 @@ pub(crate) trait Kernels: Copy + Send + Sync {
     /// [`Kernels::widen_f16`] for bf16 storage.
     fn widen_bf16(self, src: &[bf16], ld: usize, rows: usize, width: usize, dst: &mut [f32]);
 
-    /// `acc[r*d + t] = acc[r*d + t] * corr[r] + sum_{j < nkeys} p[r*ldp + j] * v[j*ldv + t]`.
-    fn pv(
+    /// `acc[r*d + t] = acc[r*d + t] * corr[r] + sum_{j < nkeys} p[r*ldp + j] * v[j*ldv + t]`
+    /// (`v` in its storage dtype, widened on load).
+    fn pv<E: KvElement>(
         self,
         rows: usize,
         p: &[f32],
         ldp: usize,
         nkeys: usize,
-        v: &[f32],
+        v: &[E],
         ldv: usize,
         d: usize,
         corr: &[f32],
@@ -55,14 +132,14 @@ pub(crate) trait Kernels: Copy + Send + Sync {
 pub(crate) enum Isa {
     Portable,
     #[cfg(target_arch = "x86_64")]
-    Avx512(avx512::Avx512),
+    Avx512(super::avx512::Avx512),
 }
 
 impl Isa {
     /// AVX-512 when the CPU has it and `head_dim` is a multiple of 16, else portable.
     pub(crate) fn detect(head_dim: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
-        let simd = if head_dim.is_multiple_of(16) { avx512::Avx512::detect().map(Isa::Avx512) } else { None };
+        let simd = if head_dim.is_multiple_of(16) { super::avx512::Avx512::detect().map(Isa::Avx512) } else { None };
         #[cfg(not(target_arch = "x86_64"))]
         let simd = {
             let _ = head_dim;
@@ -90,7 +167,17 @@ impl Kernels for Portable {
         }
     }
 
-    fn scores(self, rows: usize, q: &[f32], d: usize, kt: &[f32], ldk: usize, ncols: usize, out: &mut [f32], ldo: usize) {
+    fn scores(
+        self,
+        rows: usize,
+        q: &[f32],
+        d: usize,
+        kt: &[f32],
+        ldk: usize,
+        ncols: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
         for r in 0..rows {
             let out_row = &mut out[r * ldo..r * ldo + ncols];
             out_row.fill(0.0);
@@ -102,7 +189,17 @@ impl Kernels for Portable {
         }
     }
 
-    fn dot(self, rows: usize, q: &[f32], d: usize, k: &[f32], ldk: usize, nkeys: usize, out: &mut [f32], ldo: usize) {
+    fn dot<E: KvElement>(
+        self,
+        rows: usize,
+        q: &[f32],
+        d: usize,
+        k: &[E],
+        ldk: usize,
+        nkeys: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
         for j in 0..nkeys {
             let key = &k[j * ldk..j * ldk + d];
             for r in 0..rows {
@@ -111,32 +208,29 @@ impl Kernels for Portable {
         }
     }
 
-    fn softmax_block(self, s: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32 {
-        if valid == 0 {
-            s.fill(0.0);
-            return 1.0;
+    fn softmax_rows(
+        self,
+        rows: usize,
+        s: &mut [f32],
+        lds: usize,
+        live: usize,
+        valid: &[usize],
+        m: &mut [f32],
+        l: &mut [f32],
+        corr: &mut [f32],
+    ) {
+        for r in 0..rows {
+            corr[r] = softmax_row(&mut s[r * lds..r * lds + live], valid[r], &mut m[r], &mut l[r]);
         }
-        let (live, dead) = s.split_at_mut(valid);
-        dead.fill(0.0);
-        let m_new = live.iter().fold(*m, |a, &b| a.max(b));
-        let corr = (*m - m_new).exp();
-        let mut sum = 0f32;
-        for x in live.iter_mut() {
-            *x = (*x - m_new).exp();
-            sum += *x;
-        }
-        *l = *l * corr + sum;
-        *m = m_new;
-        corr
     }
 
-    fn pv(
+    fn pv<E: KvElement>(
         self,
         rows: usize,
         p: &[f32],
         ldp: usize,
         nkeys: usize,
-        v: &[f32],
+        v: &[E],
         ldv: usize,
         d: usize,
         corr: &[f32],
@@ -147,448 +241,43 @@ impl Kernels for Portable {
             acc_row.iter_mut().for_each(|a| *a *= corr[r]);
             for (j, &pj) in p[r * ldp..r * ldp + nkeys].iter().enumerate() {
                 for (a, &x) in acc_row.iter_mut().zip(&v[j * ldv..j * ldv + d]) {
-                    *a += pj * x;
+                    *a += pj * x.to_f32();
                 }
             }
         }
     }
 }
 
+/// [`Kernels::softmax_rows`] for one row (`s` is the row's `live` scores).
+fn softmax_row(s: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32 {
+    if valid == 0 {
+        s.fill(0.0);
+        return 1.0;
+    }
+    let (live, dead) = s.split_at_mut(valid);
+    dead.fill(0.0);
+    let m_new = live.iter().fold(*m, |a, &b| a.max(b));
+    let corr = if m_new == *m { 1.0 } else { (*m - m_new).exp() };
+    let mut sum = 0f32;
+    for x in live.iter_mut() {
+        *x = (*x - m_new).exp();
+        sum += *x;
+    }
+    *l = *l * corr + sum;
+    *m = m_new;
+    corr
+}
+
 /// Dot product with 8 independent partial sums (vectorizable without reassociation flags).
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+fn dot_portable<E: Element>(a: &[f32], b: &[E]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, a_rest) = a.as_chunks::<8>();
     let (b8, b_rest) = b.as_chunks::<8>();
     for (x, y) in a8.iter().zip(b8) {
         for i in 0..8 {
-            lanes[i] += x[i] * y[i];
+            lanes[i] += x[i] * y[i].to_f32();
         }
     }
-    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
+    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y.to_f32()).sum();
     lanes.iter().sum::<f32>() + tail
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    //! AVX-512F kernels. Every function carries `#[target_feature(enable = "avx512f")]`; the
-    //! [`Avx512`] token, which only exists after run-time detection, is what makes calling
-    //! them sound. Unsafe is limited to unaligned loads and stores whose bounds are asserted
-    //! at the top of each function.
-
-    use std::arch::x86_64::*;
-
-    use half::{bf16, f16};
-
-    use super::Kernels;
-
-    /// Proof that the running CPU supports AVX-512F: only [`Avx512::detect`] creates one.
-    #[derive(Debug, Clone, Copy)]
-    pub(crate) struct Avx512 {
-        _detected: (),
-    }
-
-    impl Avx512 {
-        pub(crate) fn detect() -> Option<Self> {
-            is_x86_feature_detected!("avx512f").then_some(Self { _detected: () })
-        }
-    }
-
-    impl Kernels for Avx512 {
-        fn widen_f16(self, src: &[f16], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
-            // SAFETY: the token proves AVX-512F support (see `scores`).
-            unsafe { widen::<false>(src, ld, rows, width, dst) }
-        }
-
-        fn widen_bf16(self, src: &[bf16], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
-            // SAFETY: the token proves AVX-512F support (see `scores`). `bf16` and `f16` are
-            // both transparent wrappers of u16, so the slice is reinterpreted as such.
-            let bits = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<f16>(), src.len()) };
-            // SAFETY: as above.
-            unsafe { widen::<true>(bits, ld, rows, width, dst) }
-        }
-
-        fn scores(self, rows: usize, q: &[f32], d: usize, kt: &[f32], ldk: usize, ncols: usize, out: &mut [f32], ldo: usize) {
-            // SAFETY: an `Avx512` token exists only after `is_x86_feature_detected!("avx512f")`
-            // returned true, so the target feature of the callee is present.
-            unsafe {
-                match rows {
-                    1 => scores_tile::<1>(q, d, kt, ldk, ncols, out, ldo),
-                    2 => scores_tile::<2>(q, d, kt, ldk, ncols, out, ldo),
-                    3 => scores_tile::<3>(q, d, kt, ldk, ncols, out, ldo),
-                    4 => scores_tile::<4>(q, d, kt, ldk, ncols, out, ldo),
-                    _ => unreachable!("score tiles have 1..=4 rows, got {rows}"),
-                }
-            }
-        }
-
-        fn dot(self, rows: usize, q: &[f32], d: usize, k: &[f32], ldk: usize, nkeys: usize, out: &mut [f32], ldo: usize) {
-            // SAFETY: the token proves AVX-512F support (see `scores`).
-            unsafe {
-                match (rows, d) {
-                    (1, 64) => dot_tile::<1, 4>(q, k, ldk, nkeys, out, ldo),
-                    (2, 64) => dot_tile::<2, 4>(q, k, ldk, nkeys, out, ldo),
-                    (3, 64) => dot_tile::<3, 4>(q, k, ldk, nkeys, out, ldo),
-                    (4, 64) => dot_tile::<4, 4>(q, k, ldk, nkeys, out, ldo),
-                    (1, 128) => dot_tile::<1, 8>(q, k, ldk, nkeys, out, ldo),
-                    (2, 128) => dot_tile::<2, 8>(q, k, ldk, nkeys, out, ldo),
-                    (3, 128) => dot_tile::<3, 8>(q, k, ldk, nkeys, out, ldo),
-                    (4, 128) => dot_tile::<4, 8>(q, k, ldk, nkeys, out, ldo),
-                    (1, _) => dot_tile_any::<1>(q, d, k, ldk, nkeys, out, ldo),
-                    (2, _) => dot_tile_any::<2>(q, d, k, ldk, nkeys, out, ldo),
-                    (3, _) => dot_tile_any::<3>(q, d, k, ldk, nkeys, out, ldo),
-                    (4, _) => dot_tile_any::<4>(q, d, k, ldk, nkeys, out, ldo),
-                    _ => unreachable!("dot tiles have 1..=4 rows, got {rows}"),
-                }
-            }
-        }
-
-        fn softmax_block(self, s: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32 {
-            // SAFETY: the token proves AVX-512F support (see `scores`).
-            unsafe { softmax_block(s, valid, m, l) }
-        }
-
-        fn pv(
-            self,
-            rows: usize,
-            p: &[f32],
-            ldp: usize,
-            nkeys: usize,
-            v: &[f32],
-            ldv: usize,
-            d: usize,
-            corr: &[f32],
-            acc: &mut [f32],
-        ) {
-            // SAFETY: the token proves AVX-512F support (see `scores`).
-            unsafe {
-                match rows {
-                    1 => pv_tile::<1>(p, ldp, nkeys, v, ldv, d, corr, acc),
-                    2 => pv_tile::<2>(p, ldp, nkeys, v, ldv, d, corr, acc),
-                    3 => pv_tile::<3>(p, ldp, nkeys, v, ldv, d, corr, acc),
-                    4 => pv_tile::<4>(p, ldp, nkeys, v, ldv, d, corr, acc),
-                    _ => unreachable!("pv tiles have 1..=4 rows, got {rows}"),
-                }
-            }
-        }
-    }
-
-    /// Widens a block of 16-bit rows to f32: IEEE half with `vcvtph2ps` (`BF16 == false`), or
-    /// bfloat16 bit patterns (`BF16 == true`: zero-extend and shift into the high half).
-    #[target_feature(enable = "avx512f")]
-    fn widen<const BF16: bool>(src: &[f16], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
-        assert!(dst.len() >= rows * width);
-        assert!(rows == 0 || src.len() >= (rows - 1) * ld + width);
-        let full = width / 16 * 16;
-        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
-        for r in 0..rows {
-            for t in (0..full).step_by(16) {
-                // SAFETY: t + 16 <= width: r*ld + t + 16 <= src.len() and r*width + t + 16 <=
-                // dst.len() (asserted above); 16 transparent u16 values are the 32 bytes read.
-                unsafe {
-                    let half = _mm256_loadu_si256(sp.add(r * ld + t).cast::<__m256i>());
-                    let wide = if BF16 {
-                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(half)))
-                    } else {
-                        _mm512_cvtph_ps(half)
-                    };
-                    _mm512_storeu_ps(dp.add(r * width + t), wide);
-                }
-            }
-            for t in full..width {
-                let x = src[r * ld + t];
-                dst[r * width + t] = if BF16 { f32::from_bits(u32::from(x.to_bits()) << 16) } else { x.to_f32() };
-            }
-        }
-    }
-
-    /// R query rows x `ncols` keys of scores from a transposed key block, 32 keys at a time
-    /// (2 R accumulators), then 16.
-    #[target_feature(enable = "avx512f")]
-    fn scores_tile<const R: usize>(q: &[f32], d: usize, kt: &[f32], ldk: usize, ncols: usize, out: &mut [f32], ldo: usize) {
-        assert!(d > 0 && ncols.is_multiple_of(16) && q.len() >= R * d);
-        assert!(ncols == 0 || (kt.len() >= (d - 1) * ldk + ncols && out.len() >= (R - 1) * ldo + ncols));
-        let (qp, kp, op) = (q.as_ptr(), kt.as_ptr(), out.as_mut_ptr());
-        let mut j = 0;
-        while j + 32 <= ncols {
-            let mut acc = [[_mm512_setzero_ps(); 2]; R];
-            for t in 0..d {
-                // SAFETY: t < d and j + 32 <= ncols, so t*ldk + j + 32 <= (d-1)*ldk + ncols <=
-                // kt.len(); r*d + t < R*d <= q.len() (both asserted above).
-                unsafe {
-                    let k0 = _mm512_loadu_ps(kp.add(t * ldk + j));
-                    let k1 = _mm512_loadu_ps(kp.add(t * ldk + j + 16));
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let qb = _mm512_set1_ps(*qp.add(r * d + t));
-                        a[0] = _mm512_fmadd_ps(qb, k0, a[0]);
-                        a[1] = _mm512_fmadd_ps(qb, k1, a[1]);
-                    }
-                }
-            }
-            for (r, a) in acc.iter().enumerate() {
-                // SAFETY: r*ldo + j + 32 <= (R-1)*ldo + ncols <= out.len() (asserted above).
-                unsafe {
-                    _mm512_storeu_ps(op.add(r * ldo + j), a[0]);
-                    _mm512_storeu_ps(op.add(r * ldo + j + 16), a[1]);
-                }
-            }
-            j += 32;
-        }
-        if j < ncols {
-            let mut acc = [_mm512_setzero_ps(); R];
-            for t in 0..d {
-                // SAFETY: j + 16 == ncols here, so t*ldk + j + 16 <= kt.len(); q as above.
-                unsafe {
-                    let k0 = _mm512_loadu_ps(kp.add(t * ldk + j));
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(r * d + t)), k0, *a);
-                    }
-                }
-            }
-            for (r, a) in acc.iter().enumerate() {
-                // SAFETY: r*ldo + j + 16 <= (R-1)*ldo + ncols <= out.len().
-                unsafe { _mm512_storeu_ps(op.add(r * ldo + j), *a) };
-            }
-        }
-    }
-
-    /// Scores of R query rows against `nkeys` row-major keys, 16 keys at a time: for one query
-    /// row, 16 per-key partial-sum vectors are folded into one vector of 16 scores by
-    /// [`reduce16`] (2 shuffles and 1 add per key instead of a full horizontal sum each).
-    /// The query row (`DC` = d / 16 vectors) stays in registers across the 16 keys.
-    #[target_feature(enable = "avx512f")]
-    fn dot_tile<const R: usize, const DC: usize>(q: &[f32], k: &[f32], ldk: usize, nkeys: usize, out: &mut [f32], ldo: usize) {
-        let d = 16 * DC;
-        assert!(q.len() >= R * d);
-        assert!(nkeys == 0 || (k.len() >= (nkeys - 1) * ldk + d && out.len() >= (R - 1) * ldo + nkeys));
-        let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
-        for j in (0..nkeys).step_by(16) {
-            let count = (nkeys - j).min(16);
-            for r in 0..R {
-                let mut qr = [_mm512_setzero_ps(); DC];
-                for (c, qv) in qr.iter_mut().enumerate() {
-                    // SAFETY: r*d + 16c + 16 <= R*d <= q.len().
-                    *qv = unsafe { _mm512_loadu_ps(qp.add(r * d + 16 * c)) };
-                }
-                let mut parts = [_mm512_setzero_ps(); 16];
-                for (kk, part) in parts.iter_mut().enumerate().take(count) {
-                    let row = (j + kk) * ldk;
-                    let mut acc = _mm512_setzero_ps();
-                    for (c, qv) in qr.iter().enumerate() {
-                        // SAFETY: j + kk < nkeys, so row + 16c + 16 <= (nkeys-1)*ldk + d <= k.len().
-                        acc = _mm512_fmadd_ps(*qv, unsafe { _mm512_loadu_ps(kp.add(row + 16 * c)) }, acc);
-                    }
-                    *part = acc;
-                }
-                let mask = (((1u32 << count) - 1) & 0xFFFF) as __mmask16;
-                // SAFETY: only lanes < count are written: r*ldo + j + count <= (R-1)*ldo + nkeys
-                // <= out.len().
-                unsafe { _mm512_mask_storeu_ps(op.add(r * ldo + j), mask, reduce16(&parts)) };
-            }
-        }
-    }
-
-    /// [`dot_tile`] for any head_dim that is a multiple of 16 (query reloaded from L1).
-    #[target_feature(enable = "avx512f")]
-    fn dot_tile_any<const R: usize>(q: &[f32], d: usize, k: &[f32], ldk: usize, nkeys: usize, out: &mut [f32], ldo: usize) {
-        assert!(d.is_multiple_of(16) && q.len() >= R * d);
-        assert!(nkeys == 0 || (k.len() >= (nkeys - 1) * ldk + d && out.len() >= (R - 1) * ldo + nkeys));
-        let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
-        for j in (0..nkeys).step_by(16) {
-            let count = (nkeys - j).min(16);
-            for r in 0..R {
-                let mut parts = [_mm512_setzero_ps(); 16];
-                for (kk, part) in parts.iter_mut().enumerate().take(count) {
-                    let row = (j + kk) * ldk;
-                    let mut acc = _mm512_setzero_ps();
-                    for t in (0..d).step_by(16) {
-                        // SAFETY: t + 16 <= d: row + t + 16 <= k.len(), r*d + t + 16 <= q.len().
-                        acc = unsafe { _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(r * d + t)), _mm512_loadu_ps(kp.add(row + t)), acc) };
-                    }
-                    *part = acc;
-                }
-                let mask = (((1u32 << count) - 1) & 0xFFFF) as __mmask16;
-                // SAFETY: as in `dot_tile`.
-                unsafe { _mm512_mask_storeu_ps(op.add(r * ldo + j), mask, reduce16(&parts)) };
-            }
-        }
-    }
-
-    /// Lane i of the result is the horizontal sum of `v[i]` (a transposing reduction tree:
-    /// 30 shuffles and 15 adds for 16 sums).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn reduce16(v: &[__m512; 16]) -> __m512 {
-        // Level 1: pairs (a, b) -> per 128-bit block [a, b, a, b] partial sums.
-        let mut l1 = [_mm512_setzero_ps(); 8];
-        for (i, x) in l1.iter_mut().enumerate() {
-            let (a, b) = (v[2 * i], v[2 * i + 1]);
-            *x = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-        }
-        // Level 2: -> per 128-bit block [a, b, c, d].
-        let mut l2 = [_mm512_setzero_ps(); 4];
-        for (i, x) in l2.iter_mut().enumerate() {
-            let (a, b) = (_mm512_castps_pd(l1[2 * i]), _mm512_castps_pd(l1[2 * i + 1]));
-            *x = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-        }
-        // Levels 3 and 4: sum the four 128-bit blocks, gathering groups of 4 keys per block.
-        let lo = fold_blocks(l2[0], l2[1]);
-        let hi = fold_blocks(l2[2], l2[3]);
-        fold_blocks(lo, hi)
-    }
-
-    /// Blocks [a0+a1, a2+a3, b0+b1, b2+b3] of two vectors' 128-bit blocks a0..a3, b0..b3.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn fold_blocks(a: __m512, b: __m512) -> __m512 {
-        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
-    }
-
-    #[target_feature(enable = "avx512f")]
-    fn softmax_block(s: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32 {
-        assert!(valid <= s.len());
-        if valid == 0 {
-            s.fill(0.0);
-            return 1.0;
-        }
-        let sp = s.as_mut_ptr();
-        let full = valid / 16 * 16;
-        let tail = valid - full;
-        let tail_mask: __mmask16 = ((1u32 << tail) - 1) as __mmask16;
-        let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
-        for j in (0..full).step_by(16) {
-            // SAFETY: j + 16 <= full <= valid <= s.len().
-            vmax = _mm512_max_ps(vmax, unsafe { _mm512_loadu_ps(sp.add(j)) });
-        }
-        if tail > 0 {
-            // SAFETY: the mask enables lanes full..valid only, all inside `s`.
-            let x = unsafe { _mm512_maskz_loadu_ps(tail_mask, sp.add(full)) };
-            vmax = _mm512_mask_max_ps(vmax, tail_mask, vmax, x);
-        }
-        let m_new = m.max(_mm512_reduce_max_ps(vmax));
-        let corr = (*m - m_new).exp();
-        let vm = _mm512_set1_ps(m_new);
-        let mut vsum = _mm512_setzero_ps();
-        for j in (0..full).step_by(16) {
-            // SAFETY: j + 16 <= full <= s.len().
-            unsafe {
-                let p = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sp.add(j)), vm));
-                _mm512_storeu_ps(sp.add(j), p);
-                vsum = _mm512_add_ps(vsum, p);
-            }
-        }
-        if tail > 0 {
-            // SAFETY: the mask enables lanes full..valid only, all inside `s`.
-            unsafe {
-                let x = _mm512_maskz_loadu_ps(tail_mask, sp.add(full));
-                let p = _mm512_maskz_mov_ps(tail_mask, exp_ps(_mm512_sub_ps(x, vm)));
-                _mm512_mask_storeu_ps(sp.add(full), tail_mask, p);
-                vsum = _mm512_add_ps(vsum, p);
-            }
-        }
-        s[valid..].fill(0.0);
-        *l = *l * corr + _mm512_reduce_add_ps(vsum);
-        *m = m_new;
-        corr
-    }
-
-    /// acc (R rows x d) = acc * corr + P (R x nkeys) V (nkeys x d), 64 columns at a time
-    /// (4 R accumulators held across the key loop), then 16.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    fn pv_tile<const R: usize>(
-        p: &[f32],
-        ldp: usize,
-        nkeys: usize,
-        v: &[f32],
-        ldv: usize,
-        d: usize,
-        corr: &[f32],
-        acc: &mut [f32],
-    ) {
-        assert!(d.is_multiple_of(16) && corr.len() >= R && acc.len() >= R * d);
-        assert!(nkeys == 0 || (p.len() >= (R - 1) * ldp + nkeys && v.len() >= (nkeys - 1) * ldv + d));
-        let mut t = 0;
-        while t < d {
-            if d - t >= 64 {
-                pv_columns::<R, 4>(p, ldp, nkeys, v, ldv, d, t, corr, acc);
-                t += 64;
-            } else {
-                pv_columns::<R, 1>(p, ldp, nkeys, v, ldv, d, t, corr, acc);
-                t += 16;
-            }
-        }
-    }
-
-    /// Columns `t0 .. t0 + 16 C` of [`pv_tile`]; bounds as asserted there, plus t0 + 16C <= d.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn pv_columns<const R: usize, const C: usize>(
-        p: &[f32],
-        ldp: usize,
-        nkeys: usize,
-        v: &[f32],
-        ldv: usize,
-        d: usize,
-        t0: usize,
-        corr: &[f32],
-        acc: &mut [f32],
-    ) {
-        assert!(t0 + 16 * C <= d && acc.len() >= R * d && corr.len() >= R);
-        assert!(nkeys == 0 || (p.len() >= (R - 1) * ldp + nkeys && v.len() >= (nkeys - 1) * ldv + d));
-        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-        let mut a = [[_mm512_setzero_ps(); C]; R];
-        for (r, row) in a.iter_mut().enumerate() {
-            let c = _mm512_set1_ps(corr[r]);
-            for (ci, x) in row.iter_mut().enumerate() {
-                // SAFETY: r*d + t0 + 16ci + 16 <= r*d + d <= R*d <= acc.len().
-                *x = _mm512_mul_ps(unsafe { _mm512_loadu_ps(ap.add(r * d + t0 + 16 * ci)) }, c);
-            }
-        }
-        for j in 0..nkeys {
-            let mut vv = [_mm512_setzero_ps(); C];
-            for (ci, x) in vv.iter_mut().enumerate() {
-                // SAFETY: j*ldv + t0 + 16ci + 16 <= (nkeys-1)*ldv + d <= v.len().
-                *x = unsafe { _mm512_loadu_ps(vp.add(j * ldv + t0 + 16 * ci)) };
-            }
-            for (r, row) in a.iter_mut().enumerate() {
-                // SAFETY: r*ldp + j < (R-1)*ldp + nkeys <= p.len().
-                let pb = _mm512_set1_ps(unsafe { *pp.add(r * ldp + j) });
-                for (x, &vc) in row.iter_mut().zip(&vv) {
-                    *x = _mm512_fmadd_ps(pb, vc, *x);
-                }
-            }
-        }
-        for (r, row) in a.iter().enumerate() {
-            for (ci, x) in row.iter().enumerate() {
-                // SAFETY: as for the loads from `acc` above.
-                unsafe { _mm512_storeu_ps(ap.add(r * d + t0 + 16 * ci), *x) };
-            }
-        }
-    }
-
-    /// e^x for 16 lanes: x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r
-    /// (Cephes expf coefficients, ~1 ulp), and 2^n applied with `scalef` (exact, and it
-    /// underflows to 0 gracefully). Results below e^-87 (where f32 turns subnormal) are
-    /// flushed to 0: subnormal probabilities would cost microcode assists in the P V FMAs and
-    /// are below f32 resolution next to the row maximum (e^0) anyway.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    #[allow(clippy::excessive_precision)]
-    fn exp_ps(x: __m512) -> __m512 {
-        let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.0));
-        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-            x,
-            _mm512_set1_ps(std::f32::consts::LOG2_E),
-        ));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_375), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut y = _mm512_set1_ps(1.987_569_15e-4);
-        for c in [1.398_199_95e-3, 8.333_451_9e-3, 4.166_579_6e-2, 1.666_666_55e-1, 5.000_000_1e-1] {
-            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
-        }
-        let y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
-        _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(y, n))
-    }
 }

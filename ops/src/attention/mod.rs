@@ -14,12 +14,17 @@
 //! aclnnIncreFlashAttentionV4 (see DESIGN.md section 4).
 //!
 //! Files: `reference.rs` is the f32 oracle built from plain candle ops; `cpu.rs` holds the
-//! drivers (tiling, threading, dtype handling) and `kernels.rs` the micro-kernels (AVX-512
-//! selected at run time, portable fallback).
+//! drivers (tiling, threading, dtype handling); `kernels.rs` the micro-kernel trait, the ISA
+//! selection and the portable kernels; `avx512.rs` the AVX-512 kernels (selected at run
+//! time); `tests.rs` kernel-level tests of every ISA.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod cpu;
 mod kernels;
 mod reference;
+#[cfg(test)]
+mod tests;
 
 pub use reference::{decode_attention_reference, prompt_attention_reference};
 
@@ -62,10 +67,18 @@ pub fn prompt_attention(
 ///   own key is the last one): `out[b, 0, h] = softmax_j(scale * q[b,0,h] . k[b,j,g]) v[b,j,g]`.
 /// - dtype, precision and output as in [`prompt_attention`]; output `[B, 1, Nq, D]`.
 ///
-/// Long key ranges are split into chunks processed in parallel and merged exactly (the
-/// result does not depend on the split beyond f32 rounding). Allocation is per-task scratch
-/// of a few key tiles, independent of `T`.
-pub fn decode_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, kv_lens: &[usize], scale: f32) -> Result<Tensor> {
+/// When there are fewer (sequence, kv head) pairs than the rayon pool can keep busy, key
+/// ranges are split into chunks processed in parallel and merged exactly (the result does not
+/// depend on the split beyond f32 rounding). Nothing is allocated in proportion to `T` or
+/// `kv_lens`: per-task scratch of a few key tiles plus one (max, sum, accumulator) partial per
+/// task, and there are about 4 tasks per thread.
+pub fn decode_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    kv_lens: &[usize],
+    scale: f32,
+) -> Result<Tensor> {
     let dims = validate_decode("decode_attention", q, k_cache, v_cache, kv_lens, scale)?;
     cpu::decode_attention(kernels::Isa::detect(dims.head_dim), q, k_cache, v_cache, kv_lens, scale, &dims, None)
 }

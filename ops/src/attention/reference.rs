@@ -86,9 +86,5 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: f32,
 /// [Nkv, n, D] -> [Nkv * group, n, D], each kv head repeated `group` times in place.
 fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
     let (kv_heads, n, d) = x.dims3()?;
-    x.contiguous()?
-        .unsqueeze(1)?
-        .broadcast_as((kv_heads, group, n, d))?
-        .contiguous()?
-        .reshape((kv_heads * group, n, d))
+    x.contiguous()?.unsqueeze(1)?.broadcast_as((kv_heads, group, n, d))?.contiguous()?.reshape((kv_heads * group, n, d))
 }

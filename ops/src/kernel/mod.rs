@@ -113,7 +113,10 @@ pub fn run_chunks2<A: Send, B: Send>(
     if a.len() <= chunk_a {
         f(0, a, b);
     } else {
-        a.par_chunks_mut(chunk_a).zip(b.par_chunks_mut(chunk_b)).enumerate().for_each(|(i, (ca, cb))| f(i * per_task, ca, cb));
+        a.par_chunks_mut(chunk_a)
+            .zip(b.par_chunks_mut(chunk_b))
+            .enumerate()
+            .for_each(|(i, (ca, cb))| f(i * per_task, ca, cb));
     }
 }
 

@@ -22,7 +22,9 @@ pub const LANES: usize = 16;
 pub fn avx512_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -127,7 +129,9 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn store_u16(p: *mut u16, n: usize, h: __m256i) {
         // SAFETY: forwarded from the caller; masked-off lanes are not written.
-        unsafe { if n >= LANES { _mm256_storeu_si256(p.cast(), h) } else { _mm256_mask_storeu_epi16(p.cast(), mask(n), h) } }
+        unsafe {
+            if n >= LANES { _mm256_storeu_si256(p.cast(), h) } else { _mm256_mask_storeu_epi16(p.cast(), mask(n), h) }
+        }
     }
 
     #[inline]

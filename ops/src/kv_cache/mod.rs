@@ -45,7 +45,13 @@ impl InplaceOp2 for KvWrite<'_> {
         KV_WRITE
     }
 
-    fn cpu_fwd(&self, cache: &mut CpuStorage, cache_layout: &Layout, new: &CpuStorage, new_layout: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        cache: &mut CpuStorage,
+        cache_layout: &Layout,
+        new: &CpuStorage,
+        new_layout: &Layout,
+    ) -> Result<()> {
         if cache.dtype() != new.dtype() {
             bail!("{KV_WRITE}: `new` has dtype {:?} but `cache` has {:?}", new.dtype(), cache.dtype());
         }

@@ -150,7 +150,7 @@ struct Tile<'a> {
 
 impl Tile<'_> {
     fn run(&self, rows: usize, avx512: bool) {
-        debug_assert!(rows >= 1 && rows <= MR);
+        debug_assert!((1..=MR).contains(&rows));
         debug_assert!(self.x.len() >= (rows - 1) * self.ldx + self.kc);
         #[cfg(target_arch = "x86_64")]
         if avx512 {
@@ -227,11 +227,19 @@ mod avx512 {
         }
         let valid = t.cols;
         let mask_lo: __mmask16 = if valid >= 16 { 0xFFFF } else { ((1u32 << valid) - 1) as u16 };
-        let mask_hi: __mmask16 = if valid >= 32 { 0xFFFF } else if valid <= 16 { 0 } else { ((1u32 << (valid - 16)) - 1) as u16 };
+        let mask_hi: __mmask16 = if valid >= 32 {
+            0xFFFF
+        } else if valid <= 16 {
+            0
+        } else {
+            ((1u32 << (valid - 16)) - 1) as u16
+        };
         // SAFETY: the bias slice has `cols` values; masked loads read only those lanes.
         let (b_lo, b_hi) = unsafe {
             match t.bias {
-                Some(b) => (_mm512_maskz_loadu_ps(mask_lo, b.as_ptr()), _mm512_maskz_loadu_ps(mask_hi, b.as_ptr().add(16))),
+                Some(b) => {
+                    (_mm512_maskz_loadu_ps(mask_lo, b.as_ptr()), _mm512_maskz_loadu_ps(mask_hi, b.as_ptr().add(16)))
+                }
                 None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
             }
         };

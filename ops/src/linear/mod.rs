@@ -43,7 +43,9 @@ impl std::fmt::Debug for PackedLinear {
 impl PackedLinear {
     /// Packs `w` `[N, K]` (any float dtype, any strides) and `bias` `[N]`.
     pub fn new(w: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        let (n, k) = w.dims2().map_err(|_| candle_core::Error::Msg(format!("linear: weight must be [N, K], got {:?}", w.dims())))?;
+        let (n, k) = w
+            .dims2()
+            .map_err(|_| candle_core::Error::Msg(format!("linear: weight must be [N, K], got {:?}", w.dims())))?;
         if n == 0 || k == 0 {
             bail!("linear: empty weight {:?}", w.dims());
         }

@@ -146,7 +146,9 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::kernel::simd::{LANES, load_partial, load16, round, store_partial, store_partial_f32, store16, store16_f32, sum};
+    use crate::kernel::simd::{
+        LANES, load_partial, load16, round, store_partial, store_partial_f32, store16, store16_f32, sum,
+    };
 
     /// Sum of squares of a row, two accumulators.
     #[inline]

@@ -73,7 +73,11 @@ pub(crate) fn check(op: &'static str, x: &Tensor, residual: Option<&Tensor>, gam
     }
     for (name, t) in others {
         if t.dtype() != x.dtype() {
-            bail!("{op}: `{name}` has dtype {:?} but `x` has {:?}; all inputs must share one dtype", t.dtype(), x.dtype());
+            bail!(
+                "{op}: `{name}` has dtype {:?} but `x` has {:?}; all inputs must share one dtype",
+                t.dtype(),
+                x.dtype()
+            );
         }
     }
     for t in [Some(x), residual, Some(gamma)].into_iter().flatten() {

@@ -49,8 +49,16 @@ pub(super) fn rope<T: Lanes>(x: &Tensor, cos: &Tensor, sin: &Tensor, isa: Option
                 let mut out = uninit_vec::<T>(x_rows.count * d);
                 let per_task = units_per_task(positions, heads * d + d);
                 run_chunks(&mut out, heads * d, per_task, |first, chunk| {
-                    let task =
-                        Task { x: xs, x_rows: &x_rows, cos: cs, sin: ss, cos_rows: &cos_rows, sin_rows: &sin_rows, heads, first };
+                    let task = Task {
+                        x: xs,
+                        x_rows: &x_rows,
+                        cos: cs,
+                        sin: ss,
+                        cos_rows: &cos_rows,
+                        sin_rows: &sin_rows,
+                        heads,
+                        first,
+                    };
                     let (mut cos_f, mut sin_f) = (vec![0f32; d], vec![0f32; d]);
                     match isa {
                         #[cfg(target_arch = "x86_64")]
@@ -71,7 +79,12 @@ pub(super) fn rope<T: Lanes>(x: &Tensor, cos: &Tensor, sin: &Tensor, isa: Option
 mod portable {
     use super::*;
 
-    pub(super) fn rope_positions<T: Element>(t: &Task<'_, T>, out: &mut [MaybeUninit<T>], cos_f: &mut [f32], sin_f: &mut [f32]) {
+    pub(super) fn rope_positions<T: Element>(
+        t: &Task<'_, T>,
+        out: &mut [MaybeUninit<T>],
+        cos_f: &mut [f32],
+        sin_f: &mut [f32],
+    ) {
         let d = cos_f.len();
         let h = d / 2;
         for (k, position) in out.chunks_exact_mut(t.heads * d).enumerate() {
@@ -121,7 +134,12 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) fn rope_positions<T: Lanes>(t: &Task<'_, T>, out: &mut [MaybeUninit<T>], cos_f: &mut [f32], sin_f: &mut [f32]) {
+    pub(super) fn rope_positions<T: Lanes>(
+        t: &Task<'_, T>,
+        out: &mut [MaybeUninit<T>],
+        cos_f: &mut [f32],
+        sin_f: &mut [f32],
+    ) {
         let d = cos_f.len();
         let h = d / 2;
         for (k, position) in out.chunks_exact_mut(t.heads * d).enumerate() {
@@ -136,7 +154,9 @@ mod avx512 {
                 let (y1, y2) = y.split_at_mut(h);
                 let ((y1, y1t), (y2, y2t)) = (y1.as_chunks_mut::<LANES>(), y2.as_chunks_mut::<LANES>());
                 let table = c1.iter().zip(c2).zip(s1.iter().zip(s2));
-                for (((a, b), ((c1, c2), (s1, s2))), (y1, y2)) in x1.iter().zip(x2).zip(table).zip(y1.iter_mut().zip(y2)) {
+                for (((a, b), ((c1, c2), (s1, s2))), (y1, y2)) in
+                    x1.iter().zip(x2).zip(table).zip(y1.iter_mut().zip(y2))
+                {
                     let (lo, hi) = rotate(load16(a), load16(b), load16(c1), load16(c2), load16(s1), load16(s2));
                     store16(y1, lo);
                     store16(y2, hi);

@@ -53,10 +53,18 @@ pub(crate) fn check(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
     }
     for (name, t) in [("cos", cos), ("sin", sin)] {
         if t.dims() != [b, s, d] {
-            bail!("{ROPE}: `{name}` must be [B, S, D] = [{b}, {s}, {d}] to match `x` {:?}, got {:?}", x.dims(), t.dims());
+            bail!(
+                "{ROPE}: `{name}` must be [B, S, D] = [{b}, {s}, {d}] to match `x` {:?}, got {:?}",
+                x.dims(),
+                t.dims()
+            );
         }
         if t.dtype() != x.dtype() {
-            bail!("{ROPE}: `{name}` has dtype {:?} but `x` has {:?}; all inputs must share one dtype", t.dtype(), x.dtype());
+            bail!(
+                "{ROPE}: `{name}` has dtype {:?} but `x` has {:?}; all inputs must share one dtype",
+                t.dtype(),
+                x.dtype()
+            );
         }
     }
     for t in [x, cos, sin] {

@@ -10,7 +10,8 @@ pub fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
     check(x, cos, sin)?;
     let xf = x.to_dtype(DType::F32)?;
     let half = xf.dim(D::Minus1)? / 2;
-    let rotated = Tensor::cat(&[&xf.narrow(D::Minus1, half, half)?.neg()?, &xf.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+    let rotated =
+        Tensor::cat(&[&xf.narrow(D::Minus1, half, half)?.neg()?, &xf.narrow(D::Minus1, 0, half)?], D::Minus1)?;
     // [B, S, D] -> [B, S, 1, D], broadcast over the heads.
     let cos = cos.to_dtype(DType::F32)?.unsqueeze(2)?;
     let sin = sin.to_dtype(DType::F32)?.unsqueeze(2)?;

@@ -133,7 +133,12 @@ fn decode_case(
         "DECODE_ATTENTION",
         dtype,
         &[b, 1, h.heads, h.d],
-        &format!("kv_heads={},T={capacity},kv_lens={}{}", h.kv_heads, list(kv_lens), if strided { ",strided" } else { "" }),
+        &format!(
+            "kv_heads={},T={capacity},kv_lens={}{}",
+            h.kv_heads,
+            list(kv_lens),
+            if strided { ",strided" } else { "" }
+        ),
     );
     let q = query(rng, dtype, b, 1, h, strided)?;
     let (k, v) = caches(rng, dtype, b, capacity, h)?;

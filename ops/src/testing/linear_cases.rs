@@ -8,8 +8,14 @@ use candle_core::Result;
 /// with and without bias, contiguous and strided inputs, every float dtype.
 pub fn linear(b: &dyn OpBackend) -> Result<()> {
     let mut rng = Rng::fresh("linear");
-    let shapes: [(&[usize], usize, usize); 6] =
-        [(&[1, 1], 576, 960), (&[4, 1], 200, 70), (&[2, 7], 64, 96), (&[1, 33], 300, 33), (&[3, 40], 896, 130), (&[1, 1], 1000, 1)];
+    let shapes: [(&[usize], usize, usize); 6] = [
+        (&[1, 1], 576, 960),
+        (&[4, 1], 200, 70),
+        (&[2, 7], 64, 96),
+        (&[1, 33], 300, 33),
+        (&[3, 40], 896, 130),
+        (&[1, 1], 1000, 1),
+    ];
     for dtype in FLOAT_DTYPES {
         for (outer, k, n) in shapes {
             for with_bias in [false, true] {
@@ -21,7 +27,12 @@ pub fn linear(b: &dyn OpBackend) -> Result<()> {
                 let got = b.linear(&x, &w, bias.as_ref())?;
                 let want = linear_reference(&x, &w, bias.as_ref())?;
                 let extra = format!("n={n},bias={with_bias}");
-                assert_close(&case_id("LINEAR", dtype, &xshape, &extra), &got, &want, Tolerance::for_dtype(dtype).times(4.0))?;
+                assert_close(
+                    &case_id("LINEAR", dtype, &xshape, &extra),
+                    &got,
+                    &want,
+                    Tolerance::for_dtype(dtype).times(4.0),
+                )?;
             }
         }
         // Strided input: a narrow of a wider activation.
@@ -30,7 +41,12 @@ pub fn linear(b: &dyn OpBackend) -> Result<()> {
         let w = rng.tensor(&[48, 256], -0.5, 0.5, dtype)?;
         let got = b.linear(&x, &w, None)?;
         let want = linear_reference(&x, &w, None)?;
-        assert_close(&case_id("LINEAR", dtype, &[2, 5, 256], "strided"), &got, &want, Tolerance::for_dtype(dtype).times(4.0))?;
+        assert_close(
+            &case_id("LINEAR", dtype, &[2, 5, 256], "strided"),
+            &got,
+            &want,
+            Tolerance::for_dtype(dtype).times(4.0),
+        )?;
         // A mismatched input width is an error, not a panic.
         let bad = rng.tensor(&[1, 17], -1.0, 1.0, dtype)?;
         if b.linear(&bad, &w, None).is_ok() {

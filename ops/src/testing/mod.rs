@@ -35,7 +35,14 @@ pub trait OpBackend {
         q_lens: &[usize],
         scale: f32,
     ) -> Result<Tensor>;
-    fn decode_attention(&self, q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, kv_lens: &[usize], scale: f32) -> Result<Tensor>;
+    fn decode_attention(
+        &self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        kv_lens: &[usize],
+        scale: f32,
+    ) -> Result<Tensor>;
     /// y = x @ w^T + bias through the backend's prepared (packed) weight.
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
 }
@@ -75,7 +82,14 @@ impl OpBackend for CpuOps {
     ) -> Result<Tensor> {
         crate::prompt_attention(q, k_cache, v_cache, q_start, q_lens, scale)
     }
-    fn decode_attention(&self, q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, kv_lens: &[usize], scale: f32) -> Result<Tensor> {
+    fn decode_attention(
+        &self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        kv_lens: &[usize],
+        scale: f32,
+    ) -> Result<Tensor> {
         crate::decode_attention(q, k_cache, v_cache, kv_lens, scale)
     }
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -120,13 +134,14 @@ pub fn assert_close(case: &str, got: &Tensor, reference: &Tensor, tol: Tolerance
     let (mut worst, mut at) = (0f32, 0usize);
     for (i, (g, r)) in got.iter().zip(&reference).enumerate() {
         let err = (g - r).abs();
-        if !(err <= worst) {
+        // NaN counts as the worst error.
+        if err.is_nan() || err > worst {
             worst = err;
             at = i;
         }
     }
     let rel = worst / scale;
-    if !(rel <= tol.relative) {
+    if rel.is_nan() || rel > tol.relative {
         candle_core::bail!(
             "{case}: relative error {rel:.3e} > {:.1e} (worst at flat index {at}: got {}, reference {})",
             tol.relative,
@@ -208,14 +223,38 @@ macro_rules! conformance_suite {
     ($module:ident, $backend:expr) => {
         mod $module {
             use $crate::testing::*;
-            #[test] fn rms_norm() { elementwise_cases::rms_norm(&$backend).unwrap() }
-            #[test] fn add_rms_norm() { elementwise_cases::add_rms_norm(&$backend).unwrap() }
-            #[test] fn rope() { elementwise_cases::rope(&$backend).unwrap() }
-            #[test] fn swiglu() { elementwise_cases::swiglu(&$backend).unwrap() }
-            #[test] fn kv_write() { elementwise_cases::kv_write(&$backend).unwrap() }
-            #[test] fn prompt_attention() { attention_cases::prompt_attention(&$backend).unwrap() }
-            #[test] fn decode_attention() { attention_cases::decode_attention(&$backend).unwrap() }
-            #[test] fn linear() { linear_cases::linear(&$backend).unwrap() }
+            #[test]
+            fn rms_norm() {
+                elementwise_cases::rms_norm(&$backend).unwrap()
+            }
+            #[test]
+            fn add_rms_norm() {
+                elementwise_cases::add_rms_norm(&$backend).unwrap()
+            }
+            #[test]
+            fn rope() {
+                elementwise_cases::rope(&$backend).unwrap()
+            }
+            #[test]
+            fn swiglu() {
+                elementwise_cases::swiglu(&$backend).unwrap()
+            }
+            #[test]
+            fn kv_write() {
+                elementwise_cases::kv_write(&$backend).unwrap()
+            }
+            #[test]
+            fn prompt_attention() {
+                attention_cases::prompt_attention(&$backend).unwrap()
+            }
+            #[test]
+            fn decode_attention() {
+                attention_cases::decode_attention(&$backend).unwrap()
+            }
+            #[test]
+            fn linear() {
+                linear_cases::linear(&$backend).unwrap()
+            }
         }
     };
 }
