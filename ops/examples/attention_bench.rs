@@ -55,9 +55,10 @@ fn main() -> Result<()> {
                     ms(peer),
                     peer.as_secs_f64() / fused.as_secs_f64()
                 );
-                // Decode: kv_len 512 in a 2048-slot cache.
-                for batch in [1, 4] {
-                    let (capacity, kv_len) = (2048, 512);
+                // Decode in a 2048-slot cache: kv_len 512 (B = 1 and 4), and a long B = 1 that
+                // is split into key chunks across threads.
+                for (batch, kv_len) in [(1, 512), (4, 512), (1, 2048)] {
+                    let capacity = 2048;
                     let q = rng.tensor(&[batch, 1, heads, d], -2.0, 2.0, dtype)?;
                     let k = rng.tensor(&[batch, capacity, kv_heads, d], -2.0, 2.0, dtype)?;
                     let v = rng.tensor(&[batch, capacity, kv_heads, d], -1.0, 1.0, dtype)?;
@@ -66,7 +67,7 @@ fn main() -> Result<()> {
                     let peer = median(|| candle_ascend_ops::decode_attention_reference(&q, &k, &v, &lens, scale), 21)?;
                     let bytes = (2 * batch * kv_len * kv_heads * d * dtype.size_in_bytes()) as f64;
                     println!(
-                        "threads={threads} {dtype:?} decode B={batch} kv_len=512 9/3 D=64: fused {:.1} us ({:.1} GB/s of K+V), reference {:.1} us, speed-up x{:.1}",
+                        "threads={threads} {dtype:?} decode B={batch} kv_len={kv_len} 9/3 D=64: fused {:.1} us ({:.1} GB/s of K+V), reference {:.1} us, speed-up x{:.1}",
                         fused.as_secs_f64() * 1e6,
                         bytes / fused.as_secs_f64() / 1e9,
                         peer.as_secs_f64() * 1e6,

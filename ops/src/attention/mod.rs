@@ -67,11 +67,13 @@ pub fn prompt_attention(
 ///   own key is the last one): `out[b, 0, h] = softmax_j(scale * q[b,0,h] . k[b,j,g]) v[b,j,g]`.
 /// - dtype, precision and output as in [`prompt_attention`]; output `[B, 1, Nq, D]`.
 ///
-/// When there are fewer (sequence, kv head) pairs than the rayon pool can keep busy, key
-/// ranges are split into chunks processed in parallel and merged exactly (the result does not
-/// depend on the split beyond f32 rounding). Nothing is allocated in proportion to `T` or
-/// `kv_lens`: per-task scratch of a few key tiles plus one (max, sum, accumulator) partial per
-/// task, and there are about 4 tasks per thread.
+/// The caches are read in place, in their storage dtype. Work is split into (sequence,
+/// kv head, key chunk) tasks, about 4 per rayon thread, so even B = 1 keeps every core busy;
+/// the chunks' partial (max, sum, accumulator) triples are merged exactly (the result does
+/// not depend on the split beyond f32 rounding). Calls too small to pay for a thread handoff
+/// (under ~512K multiply-adds, e.g. B = 1 with 9 heads of 64 over fewer than ~900 keys) run
+/// on the calling thread. Nothing is allocated in proportion to `T` or `kv_lens`: per-task
+/// scratch of a key tile of scores plus one partial per task.
 pub fn decode_attention(
     q: &Tensor,
     k_cache: &Tensor,
