@@ -199,6 +199,9 @@ impl Tile<'_> {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{PANEL, Tile};
+
+    /// Prefetch distance in f32 elements of the panel stream (16 k-steps, 2 KiB).
+    const PREFETCH_AHEAD: usize = 16 * PANEL;
     use std::arch::x86_64::*;
 
     /// The register-blocked micro-kernel: `R` rows x 32 channels, f32 FMA.
@@ -216,6 +219,12 @@ mod avx512 {
             // SAFETY: kk < kc, so both 16-lane loads lie inside `w` (kc * PANEL values), and
             // x[r * ldx + kk] lies inside the R rows of `x`.
             unsafe {
+                // Software prefetch ahead of the panel stream: with few rows the loop body is
+                // short of memory-level parallelism otherwise. A prefetch never faults, and
+                // `wrapping_add` keeps the address arithmetic defined past the slice end.
+                let ahead = w.wrapping_add(kk * PANEL + PREFETCH_AHEAD).cast::<i8>();
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                 let w0 = _mm512_loadu_ps(w.add(kk * PANEL));
                 let w1 = _mm512_loadu_ps(w.add(kk * PANEL + 16));
                 for r in 0..R {
