@@ -129,16 +129,12 @@ impl Backend for CpuBackend {
     }
 
     fn kv_cache_id(&self, cache: &CpuKvCache) -> usize {
+        use candle_core::{CpuStorage, Storage};
         let (storage, _) = cache.k.storage_and_layout();
         match &*storage {
-            candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().map(|s| s.as_ptr() as usize).unwrap_or_else(|_| {
-                // f16/bf16 caches: identity of the typed slice.
-                match cpu {
-                    candle_core::CpuStorage::F16(v) => v.as_ptr() as usize,
-                    candle_core::CpuStorage::BF16(v) => v.as_ptr() as usize,
-                    _ => 0,
-                }
-            }),
+            Storage::Cpu(CpuStorage::F32(v)) => v.as_ptr() as usize,
+            Storage::Cpu(CpuStorage::F16(v)) => v.as_ptr() as usize,
+            Storage::Cpu(CpuStorage::BF16(v)) => v.as_ptr() as usize,
             _ => 0,
         }
     }

@@ -1,17 +1,18 @@
 //! CPU kernels of the packed linear layer: panel packing, an AVX-512 register-blocked
-//! micro-kernel (12 rows x 32 channels), a portable fallback, and the rayon work split.
+//! micro-kernel (6 rows x 32 channels, two k-parity accumulator sets), a portable fallback, and
+//! the rayon work split.
 
 use super::PANEL;
 use rayon::prelude::*;
 
-/// Rows per micro-tile (12 x 2 accumulators of 16 lanes = 24 zmm registers).
-const MR: usize = 12;
+/// Rows per micro-tile (6 rows x 2 halves x 2 k-parity sets = 24 zmm accumulators).
+const MR: usize = 6;
 /// K block: a 256 x 32 f32 panel slice (32 KiB) stays in L1 across the row tiles.
 const KC: usize = 256;
 /// Row block of one prefill task.
-const ROW_BLOCK: usize = 8 * MR;
+const ROW_BLOCK: usize = 16 * MR;
 /// Rows up to which the call is treated as decode (split over panels only).
-const DECODE_ROWS: usize = MR;
+const DECODE_ROWS: usize = 16;
 
 /// Packs `w` (`[n, k]` row-major f32) into 64-byte aligned panels of `PANEL` channels:
 /// `panel[p][kk][j] = w[p * PANEL + j][kk]`, zero past `n`. Returns the backing vector
@@ -165,7 +166,7 @@ impl Tile<'_> {
                     }
                 };
             }
-            go!(1 2 3 4 5 6 7 8 9 10 11 12);
+            go!(1 2 3 4 5 6);
             return;
         }
         let _ = avx512;
@@ -211,29 +212,42 @@ mod avx512 {
     /// documented on [`Tile`].
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile<const R: usize>(t: &Tile<'_>) {
-        let mut lo = [_mm512_setzero_ps(); R];
-        let mut hi = [_mm512_setzero_ps(); R];
+        // Two accumulator sets (even and odd k) so the FMA latency chain never binds, even for
+        // a single row; every row sums in the same order whatever R is, so a sequence gets
+        // bit-identical results alone or in a batch.
+        let mut lo = [[_mm512_setzero_ps(); R]; 2];
+        let mut hi = [[_mm512_setzero_ps(); R]; 2];
         let x = t.x.as_ptr();
         let w = t.w.as_ptr();
-        for kk in 0..t.kc {
-            // SAFETY: kk < kc, so both 16-lane loads lie inside `w` (kc * PANEL values), and
-            // x[r * ldx + kk] lies inside the R rows of `x`.
-            unsafe {
-                // Software prefetch ahead of the panel stream: with few rows the loop body is
-                // short of memory-level parallelism otherwise. A prefetch never faults, and
-                // `wrapping_add` keeps the address arithmetic defined past the slice end.
-                let ahead = w.wrapping_add(kk * PANEL + PREFETCH_AHEAD).cast::<i8>();
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                let w0 = _mm512_loadu_ps(w.add(kk * PANEL));
-                let w1 = _mm512_loadu_ps(w.add(kk * PANEL + 16));
-                for r in 0..R {
-                    let xb = _mm512_set1_ps(*x.add(r * t.ldx + kk));
-                    lo[r] = _mm512_fmadd_ps(xb, w0, lo[r]);
-                    hi[r] = _mm512_fmadd_ps(xb, w1, hi[r]);
-                }
+        // One k step into accumulator set `set`.
+        // SAFETY (of every call below): kk < kc, so both 16-lane loads lie inside `w`
+        // (kc * PANEL values), and x[r * ldx + kk] lies inside the R rows of `x`. A prefetch
+        // never faults, and `wrapping_add` keeps its address arithmetic defined past the end.
+        let step = |kk: usize, set: usize, lo: &mut [[__m512; R]; 2], hi: &mut [[__m512; R]; 2]| unsafe {
+            // Software prefetch ahead of the panel stream: with few rows the loop body is
+            // short of memory-level parallelism otherwise.
+            let ahead = w.wrapping_add(kk * PANEL + PREFETCH_AHEAD).cast::<i8>();
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            let w0 = _mm512_loadu_ps(w.add(kk * PANEL));
+            let w1 = _mm512_loadu_ps(w.add(kk * PANEL + 16));
+            for r in 0..R {
+                let xb = _mm512_set1_ps(*x.add(r * t.ldx + kk));
+                lo[set][r] = _mm512_fmadd_ps(xb, w0, lo[set][r]);
+                hi[set][r] = _mm512_fmadd_ps(xb, w1, hi[set][r]);
             }
+        };
+        let mut kk = 0;
+        while kk + 2 <= t.kc {
+            step(kk, 0, &mut lo, &mut hi);
+            step(kk + 1, 1, &mut lo, &mut hi);
+            kk += 2;
         }
+        if kk < t.kc {
+            step(kk, 0, &mut lo, &mut hi);
+        }
+        let lo: [__m512; R] = std::array::from_fn(|r| _mm512_add_ps(lo[0][r], lo[1][r]));
+        let hi: [__m512; R] = std::array::from_fn(|r| _mm512_add_ps(hi[0][r], hi[1][r]));
         let valid = t.cols;
         let mask_lo: __mmask16 = if valid >= 16 { 0xFFFF } else { ((1u32 << valid) - 1) as u16 };
         let mask_hi: __mmask16 = if valid >= 32 {
@@ -337,6 +351,23 @@ mod tests {
             for (i, ((a, c), r)) in y.iter().zip(&y_portable).zip(&want).enumerate() {
                 assert!((a - r).abs() <= 1e-4 * (1.0 + r.abs()), "simd m={m} k={k} n={n} at {i}: {a} vs {r}");
                 assert!((c - r).abs() <= 1e-4 * (1.0 + r.abs()), "portable m={m} k={k} n={n} at {i}: {c} vs {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_bit_identical_results_alone_or_in_any_batch() {
+        let (k, n) = (700, 70);
+        let x: Vec<f32> = (0..40 * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729 % 997) as f32 / 498.0) - 1.0).collect();
+        let packed = pack_panels(&w, n, k);
+        for m in [3usize, 13, 40] {
+            let mut batched = vec![0f32; m * n];
+            gemm(&x[..m * k], m, k, &packed, n, None, &mut batched);
+            for r in 0..m {
+                let mut alone = vec![0f32; n];
+                gemm(&x[r * k..(r + 1) * k], 1, k, &packed, n, None, &mut alone);
+                assert_eq!(&batched[r * n..(r + 1) * n], &alone[..], "row {r} of a batch of {m}");
             }
         }
     }

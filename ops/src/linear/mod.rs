@@ -5,7 +5,7 @@
 //! and repacked into panels of [`PANEL`] output channels (`panel[k][j] = W[p*PANEL + j, k]`),
 //! a layout that serves both regimes with one kernel family:
 //! - decode (few rows): a GEMV that streams each panel once at memory speed;
-//! - prefill (many rows): a register-blocked GEMM, 12 rows x 32 channels per micro-tile,
+//! - prefill (many rows): a register-blocked GEMM, 6 rows x 32 channels per micro-tile,
 //!   K blocked so the active panel slice stays in L1/L2.
 //!
 //! The f32 reference is [`linear_reference`] (plain candle `matmul`).
