@@ -51,3 +51,17 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<Weights> {
     let _ = DType::F32;
     Ok(Weights::from_tensors(map, std::path::PathBuf::from("<random>")))
 }
+
+/// `n` deterministic pseudo-random token ids below `vocab` (xorshift64), for tests and
+/// benchmarks that need prompts of a given length.
+pub fn random_token_ids(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab.max(1) as u64) as u32
+        })
+        .collect()
+}

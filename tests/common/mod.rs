@@ -47,15 +47,7 @@ pub fn top_two(logits: &[f32]) -> (u32, f32) {
 
 /// Deterministic prompt of `len` ids below `vocab`.
 pub fn random_prompt(vocab: usize, len: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as u32
-        })
-        .collect()
+    candle_ascend_models::random::random_token_ids(vocab, len, seed)
 }
 
 /// Checks logits and `steps` greedy tokens of our engine against candle-transformers.

@@ -83,15 +83,7 @@ impl Drop for Contender {
 }
 
 fn prompt(vocab: usize, batch: usize, len: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed | 1;
-    (0..batch * len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as u32
-        })
-        .collect()
+    candle_ascend_models::random::random_token_ids(vocab, batch * len, seed)
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
