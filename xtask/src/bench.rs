@@ -82,6 +82,22 @@ impl Drop for Contender {
     }
 }
 
+/// Read bandwidth in GB/s over a buffer of `bytes` (the model's weight bytes per decode step,
+/// so the working set and its cache behaviour match decode): all pool threads summing
+/// disjoint slices, median of 5 passes after one warm-up pass.
+fn read_bandwidth_gbs(bytes: usize) -> f64 {
+    let buf = vec![1f32; bytes / 4];
+    let pass = || {
+        let t = Instant::now();
+        std::hint::black_box(candle_ascend_ops::kernel::stream::stream_sum(&buf));
+        (buf.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
+    };
+    pass();
+    let mut s = Samples((0..5).map(|_| pass()).collect());
+    s.0.sort_by(f64::total_cmp);
+    s.median()
+}
+
 fn prompt(vocab: usize, batch: usize, len: usize, seed: u64) -> Vec<u32> {
     candle_ascend_models::random::random_token_ids(vocab, batch * len, seed)
 }
@@ -98,6 +114,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         rayon::current_num_threads(),
         if args.contend { ", with a busy process competing" } else { "" }
     );
+    let mut floors = Vec::new();
     let mut rows = Vec::new();
     for name in &models {
         let path = fetch::resolve_model(Some(name), name, args.cache.as_deref())?;
@@ -109,6 +126,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mut reference =
             if args.no_reference { None } else { Some(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?) };
         drop(ckpt);
+        let bytes = ours.weight_bytes_per_token();
+        let bandwidth = read_bandwidth_gbs(bytes);
+        eprintln!("read bandwidth over {:.0} MB (same run): {bandwidth:.1} GB/s", bytes as f64 / 1e6);
+        floors.push((name.clone(), bytes, bandwidth));
         for &batch in &args.batches {
             let mut prefill = Row {
                 model: name.clone(),
@@ -204,6 +225,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             refm,
             refs,
             r.ours.median() / refm
+        );
+    }
+    println!();
+    for (name, bytes, bandwidth) in floors {
+        println!(
+            "{name}: {:.0} MB of weights per decode step, read bandwidth over that working set {bandwidth:.1} GB/s \
+             (this run) -> bandwidth floor {:.1} tokens/s at batch 1",
+            bytes as f64 / 1e6,
+            bandwidth * 1e9 / bytes as f64
         );
     }
     Ok(())

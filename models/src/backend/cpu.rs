@@ -128,6 +128,10 @@ impl Backend for CpuBackend {
         x.to_dtype(DType::F32)
     }
 
+    fn linear_bytes(&self, w: &Self::Linear) -> usize {
+        w.weight_bytes()
+    }
+
     fn kv_cache_id(&self, cache: &CpuKvCache) -> usize {
         use candle_core::{CpuStorage, Storage};
         let (storage, _) = cache.k.storage_and_layout();

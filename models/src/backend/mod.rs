@@ -100,6 +100,8 @@ pub trait Backend: Send + Sync + Sized {
     fn select_positions(&self, x: &Self::Tensor, index: &[usize]) -> Result<Self::Tensor>;
     /// Copies a tensor to the host as f32 (the logits at the end of a step).
     fn to_host_f32(&self, x: &Self::Tensor) -> Result<Tensor>;
+    /// Bytes of weight a forward through `w` reads (bandwidth accounting).
+    fn linear_bytes(&self, w: &Self::Linear) -> usize;
     /// Identity of the cache storage (tests check that decode never reallocates it).
     fn kv_cache_id(&self, cache: &Self::KvCache) -> usize;
 }

@@ -142,6 +142,17 @@ impl<B: Backend> Transformer<B> {
         &self.backend
     }
 
+    /// Weight bytes one decode step reads: every linear once (embedding rows are negligible).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let be = &self.backend;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| be.linear_bytes(&l.qkv) + be.linear_bytes(&l.o_proj) + be.linear_bytes(&l.gate_up) + be.linear_bytes(&l.down))
+            .sum();
+        layers + be.linear_bytes(&self.lm_head)
+    }
+
     /// Identity of the first layer's cache storage (stable across steps: nothing reallocates).
     pub fn kv_cache_id(&self) -> usize {
         self.kv_caches.first().map_or(0, |c| self.backend.kv_cache_id(c))

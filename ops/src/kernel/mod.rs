@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use crate::host::rows_layout;
 
 pub mod simd;
+pub mod stream;
 
 /// Below this many elements of work an op runs on the calling thread: waking the rayon
 /// pool costs several microseconds, as much as a decode-sized op itself.
