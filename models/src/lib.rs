@@ -6,7 +6,8 @@
 //! - [`config`]: one configuration for both architectures;
 //! - [`fetch`]: models from package registries, verified and cached;
 //! - [`loader`]: HF folders and GGUF files to host weights and a tokenizer;
-//! - [`chat`]: chat-template formatting.
+//! - [`chat`]: chat-template formatting;
+//! - [`quant`]: the quantization configuration (A8W8C8, A8W8, W8A16, C8).
 
 pub mod backend;
 pub mod chat;
@@ -16,6 +17,7 @@ pub mod fetch;
 pub mod generate;
 pub mod loader;
 pub mod model;
+pub mod quant;
 pub mod random;
 pub mod reference;
 

@@ -13,6 +13,7 @@
 //! | `kv_write` | [`kv_cache`] |
 //! | `prompt_attention`, `decode_attention` | [`attention`] |
 //! | `PackedLinear` (y = x W^T + b) | [`linear`] |
+//! | `WeightQuantLinear` (W8A16: y = x ((W_q + o) s)^T + b) | [`weight_quant`] |
 
 pub mod attention;
 pub mod host;
@@ -23,6 +24,7 @@ pub mod norm;
 pub mod rope;
 pub mod swiglu;
 pub mod testing;
+pub mod weight_quant;
 
 pub use attention::{decode_attention, decode_attention_reference, prompt_attention, prompt_attention_reference};
 pub use kv_cache::{kv_write, kv_write_reference};
@@ -30,3 +32,4 @@ pub use linear::{PackedLinear, linear_reference};
 pub use norm::{add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference};
 pub use rope::{rope, rope_reference};
 pub use swiglu::{swiglu, swiglu_reference};
+pub use weight_quant::{WeightQuantLinear, rtn_quantize_weight, weight_quant_linear_reference};

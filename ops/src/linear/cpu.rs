@@ -220,7 +220,7 @@ mod avx512 {
         let x = t.x.as_ptr();
         let w = t.w.as_ptr();
         // One k step into accumulator set `set`.
-        // SAFETY (of every call below): kk < kc, so both 16-lane loads lie inside `w`
+        // SAFETY: (every call below) kk < kc, so both 16-lane loads lie inside `w`
         // (kc * PANEL values), and x[r * ldx + kk] lies inside the R rows of `x`. A prefetch
         // never faults, and `wrapping_add` keeps its address arithmetic defined past the end.
         let step = |kk: usize, set: usize, lo: &mut [[__m512; R]; 2], hi: &mut [[__m512; R]; 2]| unsafe {

@@ -1,0 +1,75 @@
+//! Speed of the W8A16 linear layer (int8 weights, f32 activations) against the f32
+//! `PackedLinear` on the same shapes in the same run, on 1 and 2 rayon threads: decode GEMV as
+//! weight-read bandwidth (GB/s of the bytes each layer actually streams) and prefill GEMM as
+//! GFLOP/s. Medians over repeated calls after a 200 ms warm-up.
+//!
+//! `cargo run --release -p candle-ascend-ops --example weight_quant_bench [decode|prefill]`
+
+use std::time::{Duration, Instant};
+
+use candle_ascend_ops::testing::Rng;
+use candle_ascend_ops::{PackedLinear, WeightQuantLinear};
+use candle_core::{DType, Result, Tensor};
+
+fn median(mut f: impl FnMut() -> Result<Tensor>, reps: usize) -> Result<Duration> {
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(200) {
+        f()?;
+    }
+    let mut times: Vec<Duration> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f().map(|_| t0.elapsed())
+        })
+        .collect::<Result<_>>()?;
+    times.sort();
+    Ok(times[reps / 2])
+}
+
+fn main() -> Result<()> {
+    let mut rng = Rng::seeded(7);
+    // (rows, K, N): SmolLM2 gate_up at decode and prefill, a Qwen down projection, and one
+    // weight far larger than the caches.
+    let all = [(1, 576, 3072), (4, 576, 3072), (1, 4864, 896), (1, 2048, 16384), (512, 576, 3072)];
+    let filter = std::env::args().nth(1).unwrap_or_default();
+    let shapes: Vec<_> = all
+        .into_iter()
+        .filter(|&(m, _, _)| match filter.as_str() {
+            "decode" => m <= 16,
+            "prefill" => m > 16,
+            _ => true,
+        })
+        .collect();
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        pool.install(|| -> Result<()> {
+            for &(m, k, n) in &shapes {
+                let w = rng.tensor(&[n, k], -0.5, 0.5, DType::F32)?;
+                let x = rng.tensor(&[m, k], -1.0, 1.0, DType::F32)?;
+                let f32_layer = PackedLinear::new(&w, None)?;
+                let int8_layer = WeightQuantLinear::from_float(&w, None)?;
+                let reps = if m >= 256 { 10 } else { 50 };
+                let t_int8 = median(|| int8_layer.forward(&x), reps)?;
+                let t_f32 = median(|| f32_layer.forward(&x), reps)?;
+                let flops = (2 * m * n * k) as f64;
+                let gbs = |bytes: usize, t: Duration| bytes as f64 / t.as_secs_f64() / 1e9;
+                println!(
+                    "threads {threads} m={m:4} k={k:5} n={n:5}: w8a16 {:8.1} us ({:5.1} GB/s, {:6.1} GFLOP/s) | \
+                     f32 PackedLinear {:8.1} us ({:5.1} GB/s, {:6.1} GFLOP/s) | speed-up x{:.2}",
+                    t_int8.as_secs_f64() * 1e6,
+                    gbs(int8_layer.weight_bytes(), t_int8),
+                    flops / t_int8.as_secs_f64() / 1e9,
+                    t_f32.as_secs_f64() * 1e6,
+                    gbs(f32_layer.weight_bytes(), t_f32),
+                    flops / t_f32.as_secs_f64() / 1e9,
+                    t_f32.as_secs_f64() / t_int8.as_secs_f64()
+                );
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
