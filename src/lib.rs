@@ -23,6 +23,7 @@
 use anyhow::{Context, Result, bail};
 use candle_ascend_models::backend::CpuBackend;
 use candle_ascend_models::loader::{Checkpoint, TokenizerBundle, Weights, load_checkpoint};
+pub use candle_ascend_models::quant::QuantConfig;
 pub use candle_ascend_models::random::random_weights;
 pub use candle_ascend_models::{
     Architecture, CacheConfig, GenerationOutput, ModelConfig, SamplingConfig, chat, fetch, loader,
@@ -73,17 +74,19 @@ impl std::fmt::Display for DeviceSpec {
 }
 
 /// Load-time choices.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelOptions {
     /// Weights and activations dtype (f32 is the CPU default; f16/bf16 also run).
     pub dtype: DType,
     /// Capacity of the fixed KV cache.
     pub cache: CacheConfig,
+    /// Quantization applied at load (e.g. `QuantConfig::preset("w8a16")`); `None` keeps floats.
+    pub quantize: Option<QuantConfig>,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, cache: CacheConfig::default() }
+        Self { dtype: DType::F32, cache: CacheConfig::default(), quantize: None }
     }
 }
 
@@ -140,9 +143,13 @@ impl Model {
     ) -> Result<Self> {
         check_device(device)?;
         let engine = match device {
-            DeviceSpec::Cpu => {
-                Engine::Cpu(Transformer::new(CpuBackend::new(options.dtype)?, config, weights, options.cache)?)
-            }
+            DeviceSpec::Cpu => Engine::Cpu(Transformer::new_quantized(
+                CpuBackend::new(options.dtype)?,
+                config,
+                weights,
+                options.cache,
+                options.quantize.as_ref(),
+            )?),
             other => bail!("device {other} is not available in this build"),
         };
         Ok(Self { engine, tokenizer: None, device })

@@ -3,7 +3,7 @@
 //! prompts from a file, streaming output and a timing summary on stderr.
 
 use anyhow::{Context, Result, bail};
-use candle_ascend_llm::{CacheConfig, DType, Model, ModelOptions, SamplingConfig, chat, fetch};
+use candle_ascend_llm::{CacheConfig, DType, Model, ModelOptions, QuantConfig, SamplingConfig, chat, fetch};
 use clap::Parser;
 use std::io::Write;
 use std::path::PathBuf;
@@ -47,6 +47,9 @@ pub struct Args {
     pub top_p: Option<f64>,
     #[arg(long, default_value_t = 299_792_458)]
     pub seed: u64,
+    /// Quantize at load with a preset (w8a16 now; a8w8c8, a8w8 and c8 need calibration).
+    #[arg(long, value_name = "PRESET")]
+    pub quantize: Option<String>,
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -83,8 +86,10 @@ pub fn run(default_model: &str) -> Result<()> {
     let options = ModelOptions {
         dtype: parse_dtype(&args.dtype)?,
         cache: CacheConfig { max_batch: prompts.len(), max_seq_len: args.max_seq_len },
+        quantize: args.quantize.as_deref().map(QuantConfig::preset).transpose()?,
     };
-    eprintln!("loading {} on {} ({})", path.display(), args.device, args.dtype);
+    let quant = args.quantize.as_deref().map_or(String::new(), |q| format!(", {q}"));
+    eprintln!("loading {} on {} ({}{quant})", path.display(), args.device, args.dtype);
     let t0 = std::time::Instant::now();
     let mut model = Model::load(&path, &args.device, options)?;
     eprintln!("loaded in {:.2?}", t0.elapsed());

@@ -1,7 +1,7 @@
 //! The CPU backend: candle CPU tensors, packed f32 linears, and the fused CPU kernels of
 //! `candle-ascend-ops`.
 
-use super::{Backend, StepPlan};
+use super::{Backend, LinearWeights, StepPlan};
 use candle_ascend_ops as ops;
 use candle_core::{DType, Device, IndexOp, Result, Tensor, bail};
 
@@ -20,6 +20,15 @@ impl CpuBackend {
     }
 }
 
+/// A prepared linear layer on the CPU.
+#[derive(Debug)]
+pub enum CpuLinear {
+    /// f32 weights packed in panels.
+    Float(ops::PackedLinear),
+    /// int8 weights, float activations (W8A16).
+    Int8Weight(ops::WeightQuantLinear),
+}
+
 /// One layer's fixed K and V caches, `[batch, capacity, kv_heads, head_dim]` each.
 #[derive(Debug)]
 pub struct CpuKvCache {
@@ -29,7 +38,7 @@ pub struct CpuKvCache {
 
 impl Backend for CpuBackend {
     type Tensor = Tensor;
-    type Linear = ops::PackedLinear;
+    type Linear = CpuLinear;
     type KvCache = CpuKvCache;
 
     fn name(&self) -> String {
@@ -44,8 +53,13 @@ impl Backend for CpuBackend {
         host.to_device(&Device::Cpu)?.to_dtype(self.dtype)?.contiguous()
     }
 
-    fn prepare_linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Self::Linear> {
-        ops::PackedLinear::new(weight, bias)
+    fn prepare_linear(&self, weights: LinearWeights<'_>) -> Result<CpuLinear> {
+        Ok(match weights {
+            LinearWeights::Float { weight, bias } => CpuLinear::Float(ops::PackedLinear::new(weight, bias)?),
+            LinearWeights::Int8Weight { w_q, out_features, in_features, scale, bias } => CpuLinear::Int8Weight(
+                ops::WeightQuantLinear::new(w_q, (out_features, in_features), scale, None, bias)?,
+            ),
+        })
     }
 
     fn new_kv_cache(&self, batch: usize, capacity: usize, kv_heads: usize, head_dim: usize) -> Result<CpuKvCache> {
@@ -68,8 +82,11 @@ impl Backend for CpuBackend {
         table.index_select(&idx, 0)?.reshape((batch, seq, table.dim(1)?))
     }
 
-    fn linear(&self, x: &Tensor, w: &Self::Linear) -> Result<Tensor> {
-        w.forward(x)
+    fn linear(&self, x: &Tensor, w: &CpuLinear) -> Result<Tensor> {
+        match w {
+            CpuLinear::Float(l) => l.forward(x),
+            CpuLinear::Int8Weight(l) => l.forward(x),
+        }
     }
 
     fn rms_norm(&self, x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
@@ -128,8 +145,11 @@ impl Backend for CpuBackend {
         x.to_dtype(DType::F32)
     }
 
-    fn linear_bytes(&self, w: &Self::Linear) -> usize {
-        w.weight_bytes()
+    fn linear_bytes(&self, w: &CpuLinear) -> usize {
+        match w {
+            CpuLinear::Float(l) => l.weight_bytes(),
+            CpuLinear::Int8Weight(l) => l.weight_bytes(),
+        }
     }
 
     fn kv_cache_id(&self, cache: &CpuKvCache) -> usize {

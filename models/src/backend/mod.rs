@@ -10,7 +10,7 @@
 
 mod cpu;
 
-pub use cpu::CpuBackend;
+pub use cpu::{CpuBackend, CpuLinear};
 
 use candle_core::{DType, Result, Tensor};
 
@@ -34,6 +34,16 @@ impl StepPlan<'_> {
     }
 }
 
+/// One linear layer's weights as the model hands them to a backend.
+#[derive(Debug, Clone, Copy)]
+pub enum LinearWeights<'a> {
+    /// Float weight `[N, K]` and bias `[N]` (host tensors).
+    Float { weight: &'a Tensor, bias: Option<&'a Tensor> },
+    /// W8A16: int8 weight `[N, K]` (row-major) with a per-output-channel symmetric scale,
+    /// float activations; `y = x (w_q * scale)^T + bias`.
+    Int8Weight { w_q: &'a [i8], out_features: usize, in_features: usize, scale: &'a [f32], bias: Option<&'a Tensor> },
+}
+
 /// A compute backend for the shared llama/qwen2 decoder.
 pub trait Backend: Send + Sync + Sized {
     /// A tensor resident on the backend's device.
@@ -50,8 +60,8 @@ pub trait Backend: Send + Sync + Sized {
 
     /// Uploads a host tensor (norm weights, embedding and RoPE tables), cast to the backend dtype.
     fn upload(&self, host: &Tensor) -> Result<Self::Tensor>;
-    /// Prepares `y = x W^T + b` from a host weight `[N, K]` and bias `[N]`.
-    fn prepare_linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Self::Linear>;
+    /// Prepares `y = x W^T + b` (packing, repacking or uploading the weights once).
+    fn prepare_linear(&self, weights: LinearWeights<'_>) -> Result<Self::Linear>;
     /// Allocates one layer's fixed KV cache `[batch, capacity, kv_heads, head_dim]` (twice).
     fn new_kv_cache(&self, batch: usize, capacity: usize, kv_heads: usize, head_dim: usize) -> Result<Self::KvCache>;
 

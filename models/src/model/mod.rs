@@ -17,10 +17,11 @@ mod rope;
 
 pub use rope::rope_tables;
 
-use crate::backend::{Backend, StepPlan};
+use crate::backend::{Backend, LinearWeights, StepPlan};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
+use crate::quant::{QuantConfig, QuantDtype};
 use candle_core::Tensor;
 
 /// Capacity of the fixed KV cache.
@@ -65,6 +66,28 @@ impl<B: Backend> Transformer<B> {
     /// Builds the model from HF-named host weights: merges q/k/v and gate/up, prepares every
     /// linear on the backend, computes the RoPE tables and allocates the KV cache.
     pub fn new(backend: B, config: ModelConfig, weights: &Weights, cache_config: CacheConfig) -> Result<Self> {
+        Self::new_quantized(backend, config, weights, cache_config, None)
+    }
+
+    /// Like [`new`](Self::new), quantizing at load what `quant` asks for. Supported now: int8
+    /// weights with float activations and KV cache (W8A16, round-to-nearest per output channel,
+    /// e.g. the `w8a16` preset), honouring `float_layers` and `modules_to_not_convert`.
+    pub fn new_quantized(
+        backend: B,
+        config: ModelConfig,
+        weights: &Weights,
+        cache_config: CacheConfig,
+        quant: Option<&QuantConfig>,
+    ) -> Result<Self> {
+        if let Some(q) = quant {
+            q.validate_for(config.num_layers).map_err(|e| ModelError::UnsupportedConfig(e.to_string()))?;
+            if q.activation_dtype == QuantDtype::Int8 || q.kvcache_dtype == QuantDtype::Int8 {
+                return Err(ModelError::UnsupportedConfig(format!(
+                    "quantization `{q}`: int8 activations and int8 KV cache need calibrated scales, \
+                     which this build cannot produce yet; use the w8a16 preset"
+                )));
+            }
+        }
         let _span = tracing::info_span!("load", backend = %backend.name(), layers = config.num_layers).entered();
         config.validate()?;
         if cache_config.max_batch == 0 || cache_config.max_seq_len == 0 {
@@ -73,9 +96,13 @@ impl<B: Backend> Transformer<B> {
         let c = &config;
         let (h, d) = (c.hidden_size, c.head_dim);
         let embed_host = weights.get_with_shape("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let linear = |layer: Option<usize>, modules: &[String], weight: &Tensor, bias: Option<&Tensor>| {
+            prepare_linear(&backend, quant, layer, modules, weight, bias)
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
+            let names = |m: &[&str]| m.iter().map(|m| format!("{p}.{m}")).collect::<Vec<_>>();
             let w = |name: &str, shape: &[usize]| weights.get_with_shape(&format!("{p}.{name}"), shape);
             let q = w("self_attn.q_proj.weight", &[c.num_heads * d, h])?;
             let k = w("self_attn.k_proj.weight", &[c.num_kv_heads * d, h])?;
@@ -93,11 +120,11 @@ impl<B: Backend> Transformer<B> {
             let up = w("mlp.up_proj.weight", &[c.intermediate_size, h])?;
             layers.push(DecoderLayer {
                 input_norm: backend.upload(&w("input_layernorm.weight", &[h])?)?,
-                qkv: backend.prepare_linear(&qkv_w, qkv_b.as_ref())?,
-                o_proj: backend.prepare_linear(&w("self_attn.o_proj.weight", &[h, c.num_heads * d])?, None)?,
+                qkv: linear(Some(i), &names(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]), &qkv_w, qkv_b.as_ref())?,
+                o_proj: linear(Some(i), &names(&["self_attn.o_proj"]), &w("self_attn.o_proj.weight", &[h, c.num_heads * d])?, None)?,
                 post_attention_norm: backend.upload(&w("post_attention_layernorm.weight", &[h])?)?,
-                gate_up: backend.prepare_linear(&Tensor::cat(&[&gate, &up], 0)?, None)?,
-                down: backend.prepare_linear(&w("mlp.down_proj.weight", &[h, c.intermediate_size])?, None)?,
+                gate_up: linear(Some(i), &names(&["mlp.gate_proj", "mlp.up_proj"]), &Tensor::cat(&[&gate, &up], 0)?, None)?,
+                down: linear(Some(i), &names(&["mlp.down_proj"]), &w("mlp.down_proj.weight", &[h, c.intermediate_size])?, None)?,
             });
         }
         let lm_head_host = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
@@ -121,7 +148,7 @@ impl<B: Backend> Transformer<B> {
             rope_cos: backend.upload(&cos)?,
             rope_sin: backend.upload(&sin)?,
             final_norm: backend.upload(&weights.get_with_shape("model.norm.weight", &[h])?)?,
-            lm_head: backend.prepare_linear(&lm_head_host, None)?,
+            lm_head: linear(None, &["lm_head".to_string()], &lm_head_host, None)?,
             layers,
             kv_caches,
             backend,
@@ -249,4 +276,28 @@ impl<B: Backend> Transformer<B> {
         }
         Ok(())
     }
+}
+
+/// Prepares one (possibly merged) linear: int8 weights (RTN, per output channel) when `quant`
+/// asks for int8 weights, the layer is not a float layer and no module merged into it is in
+/// `modules_to_not_convert`; float otherwise.
+fn prepare_linear<B: Backend>(
+    backend: &B,
+    quant: Option<&QuantConfig>,
+    layer: Option<usize>,
+    modules: &[String],
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<B::Linear> {
+    let int8 = quant.is_some_and(|q| {
+        q.weight_dtype == QuantDtype::Int8
+            && layer.is_none_or(|l| q.quantizes_layer(l))
+            && modules.iter().all(|m| q.converts_module(m))
+    });
+    if !int8 {
+        return Ok(backend.prepare_linear(LinearWeights::Float { weight, bias })?);
+    }
+    let (out_features, in_features) = weight.dims2()?;
+    let (w_q, scale) = candle_ascend_ops::rtn_quantize_weight(weight)?;
+    Ok(backend.prepare_linear(LinearWeights::Int8Weight { w_q: &w_q, out_features, in_features, scale: &scale, bias })?)
 }

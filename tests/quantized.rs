@@ -1,0 +1,86 @@
+//! Quantization at load (W8A16: int8 weights per output channel, float activations) on
+//! random-weight models: close to the float model, honouring float layers and the modules
+//! kept in float, with a quarter of the weight bytes; unsupported schemes are clear errors.
+
+mod common;
+
+use candle_ascend_models::quant::QuantConfig;
+use candle_ascend_models::{Architecture, CacheConfig, CpuBackend, ModelConfig, ModelError, Transformer};
+use candle_core::DType;
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Qwen2,
+        vocab_size: 256,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 3,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        max_position_embeddings: 256,
+        tie_word_embeddings: false,
+        attention_bias: true,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
+
+fn build(quant: Option<&QuantConfig>) -> Result<Transformer<CpuBackend>, ModelError> {
+    let cfg = config();
+    let weights = candle_ascend_models::random::random_weights(&cfg, 21)?;
+    let cache = CacheConfig { max_batch: 1, max_seq_len: 64 };
+    Transformer::new_quantized(CpuBackend::new(DType::F32)?, cfg, &weights, cache, quant)
+}
+
+#[test]
+fn w8a16_tracks_the_float_model_with_a_quarter_of_the_bytes() {
+    let mut float = build(None).unwrap();
+    let w8a16 = QuantConfig::preset("w8a16").unwrap();
+    let mut quant = build(Some(&w8a16)).unwrap();
+    let prompt = common::random_prompt(256, 12, 9);
+    let a = float.forward(&prompt, prompt.len(), &[0], &[prompt.len()]).unwrap();
+    let b = quant.forward(&prompt, prompt.len(), &[0], &[prompt.len()]).unwrap();
+    let rel = common::relative_error(&b, &a).unwrap();
+    assert!(rel > 0.0 && rel < 2e-2, "W8A16 logits relative error {rel}");
+    let (top_float, _) = common::top_two(&a.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let (top_quant, _) = common::top_two(&b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(top_float, top_quant);
+    // lm_head stays f32 (modules_to_not_convert); every decoder linear is int8.
+    let lm_head = 256 * 256 * 4;
+    let (fb, qb) = (float.weight_bytes_per_token() - lm_head, quant.weight_bytes_per_token() - lm_head);
+    assert!(qb * 4 <= fb + fb / 50, "int8 decoder weights {qb} B vs f32 {fb} B");
+}
+
+#[test]
+fn float_layers_and_unconverted_modules_stay_exact() {
+    let mut float = build(None).unwrap();
+    let mut all_float = QuantConfig::preset("w8a16").unwrap();
+    all_float.float_layers = vec![0, 1, 2];
+    let mut kept = build(Some(&all_float)).unwrap();
+    let prompt = common::random_prompt(256, 7, 3);
+    let a = float.forward(&prompt, prompt.len(), &[0], &[prompt.len()]).unwrap();
+    let b = kept.forward(&prompt, prompt.len(), &[0], &[prompt.len()]).unwrap();
+    assert_eq!(common::relative_error(&b, &a).unwrap(), 0.0, "float layers must run the float kernels");
+
+    let mut no_mlp = QuantConfig::preset("w8a16").unwrap();
+    no_mlp.modules_to_not_convert = vec!["lm_head".into(), "mlp.down_proj".into(), "gate_proj".into()];
+    let partial = build(Some(&no_mlp)).unwrap();
+    let full = build(Some(&QuantConfig::preset("w8a16").unwrap())).unwrap();
+    assert!(partial.weight_bytes_per_token() > full.weight_bytes_per_token());
+    assert!(partial.weight_bytes_per_token() < float.weight_bytes_per_token());
+}
+
+#[test]
+fn schemes_needing_calibration_or_bad_layers_are_rejected() {
+    for preset in ["a8w8c8", "a8w8", "c8"] {
+        let err = build(Some(&QuantConfig::preset(preset).unwrap())).err().expect("must be rejected");
+        assert!(err.to_string().contains("calibrated scales"), "{preset}: {err}");
+    }
+    let mut bad = QuantConfig::preset("w8a16").unwrap();
+    bad.float_layers = vec![7];
+    let err = build(Some(&bad)).err().expect("float layer 7 of 3 must be rejected");
+    assert!(matches!(err, ModelError::UnsupportedConfig(_)), "{err}");
+}
