@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 use candle_ascend_models::fetch;
 use candle_ascend_models::loader::load_checkpoint;
+use candle_ascend_models::quant::QuantConfig;
 use candle_ascend_models::reference::ReferenceModel;
 use candle_ascend_models::{CacheConfig, CpuBackend, Transformer};
 use candle_core::{DType, Device, Tensor};
@@ -33,6 +34,9 @@ pub struct BenchArgs {
     /// Skip candle-transformers (our engine only).
     #[arg(long)]
     pub no_reference: bool,
+    /// Quantize our engine at load with a preset (e.g. w8a16); the reference stays f32.
+    #[arg(long, value_name = "PRESET")]
+    pub quantize: Option<String>,
     /// Run a busy process on one core during the measurements (shared-machine behaviour).
     #[arg(long)]
     pub contend: bool,
@@ -122,7 +126,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let cfg = ckpt.config.clone();
         let max_batch = args.batches.iter().copied().max().unwrap_or(1);
         let cap = CacheConfig { max_batch, max_seq_len: (args.prompt_len + 1).max(64 + args.decode_steps + 1) };
-        let mut ours = Transformer::new(CpuBackend::new(DType::F32)?, cfg.clone(), &ckpt.weights, cap)?;
+        let quant = args.quantize.as_deref().map(QuantConfig::preset).transpose()?;
+        let mut ours = Transformer::new_quantized(CpuBackend::new(DType::F32)?, cfg.clone(), &ckpt.weights, cap, quant.as_ref())?;
         let mut reference =
             if args.no_reference { None } else { Some(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?) };
         drop(ckpt);
@@ -208,7 +213,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rows.push(decode);
         }
     }
-    println!("\n| model | metric | ours tokens/s (median, min..max) | candle-transformers tokens/s | ratio |");
+    let ours_label = args.quantize.as_deref().map_or("ours f32".to_string(), |q| format!("ours {q}"));
+    println!("\n| model | metric | {ours_label} tokens/s (median, min..max) | candle-transformers f32 tokens/s | ratio |");
     println!("|---|---|---|---|---|");
     for r in &rows {
         let (refm, refs) = if r.reference.0.is_empty() {
