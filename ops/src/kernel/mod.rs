@@ -171,3 +171,51 @@ mod tests {
         assert!(out.chunks(7).enumerate().all(|(i, r)| r.iter().all(|&v| v == i as u32 + 1)));
     }
 }
+
+/// How a panel-packed matrix product `[m, K] x [K, panels * PANEL]` splits over the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PanelSplit {
+    /// Up to this many rows the call is decode: split over panels only.
+    pub decode_rows: usize,
+    /// Rows of one prefill task.
+    pub row_block: usize,
+    /// Panels of one prefill task (sized so their weights stay in L2).
+    pub group_panels: usize,
+    /// Run on the calling thread (the whole call is too small for the pool to pay).
+    pub serial: bool,
+}
+
+/// Calls `run_tile(rows, panels)` over tiles covering `m` rows x `num_panels` panels once.
+///
+/// Decode (`m <= decode_rows`) is memory-bound: the panels are split into ~8 tasks per
+/// thread, so work stealing rebalances when a core is busy elsewhere. Prefill runs tiles of
+/// `row_block` rows x `group_panels` panels, each group's weights reused across its rows.
+pub fn for_each_panel_tile(
+    m: usize,
+    num_panels: usize,
+    split: PanelSplit,
+    run_tile: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+) {
+    if m <= split.decode_rows {
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = num_panels.div_ceil(threads * MAX_TASKS_PER_THREAD).max(1);
+        let tasks = num_panels.div_ceil(chunk);
+        if tasks <= 1 || split.serial {
+            run_tile(0..m, 0..num_panels);
+        } else {
+            (0..tasks).into_par_iter().for_each(|t| {
+                let p0 = t * chunk;
+                run_tile(0..m, p0..(p0 + chunk).min(num_panels));
+            });
+        }
+    } else {
+        let group = split.group_panels.clamp(1, num_panels.max(1));
+        let row_blocks = m.div_ceil(split.row_block);
+        let groups = num_panels.div_ceil(group);
+        (0..row_blocks * groups).into_par_iter().for_each(|t| {
+            let (g, rb) = (t / row_blocks, t % row_blocks);
+            let (r0, p0) = (rb * split.row_block, g * group);
+            run_tile(r0..(r0 + split.row_block).min(m), p0..(p0 + group).min(num_panels));
+        });
+    }
+}

@@ -3,6 +3,7 @@
 //! the rayon work split.
 
 use super::PANEL;
+use crate::kernel::{PanelSplit, for_each_panel_tile};
 use rayon::prelude::*;
 
 /// Rows per micro-tile (6 rows x 2 halves x 2 k-parity sets = 24 zmm accumulators).
@@ -59,7 +60,6 @@ pub(super) fn gemm(x: &[f32], m: usize, k: usize, packed: &[f32], n: usize, bias
     let num_panels = n.div_ceil(PANEL);
     let panels = &packed[off..off + num_panels * k * PANEL];
     let out = OutPtr(y.as_mut_ptr());
-    let threads = rayon::current_num_threads().max(1);
     let use_avx512 = has_avx512();
 
     let run_tile = |rows: std::ops::Range<usize>, panel_range: std::ops::Range<usize>| {
@@ -93,31 +93,14 @@ pub(super) fn gemm(x: &[f32], m: usize, k: usize, packed: &[f32], n: usize, bias
         }
     };
 
-    if m <= DECODE_ROWS {
-        // Decode: memory-bound; split the panels into ~8 tasks per thread so a busy core
-        // does not stall the call (work stealing rebalances).
-        let chunk = num_panels.div_ceil(threads * 8).max(1);
-        let tasks = num_panels.div_ceil(chunk);
-        if tasks <= 1 || m * n * k < 32 * 1024 {
-            run_tile(0..m, 0..num_panels);
-        } else {
-            (0..tasks).into_par_iter().for_each(|t| {
-                let p0 = t * chunk;
-                run_tile(0..m, p0..(p0 + chunk).min(num_panels));
-            });
-        }
-    } else {
-        // Prefill: tiles of ROW_BLOCK rows x a group of panels (~256 KiB of weights).
-        let group = (256 * 1024 / (k * PANEL * 4)).clamp(1, num_panels);
-        let row_blocks = m.div_ceil(ROW_BLOCK);
-        let groups = num_panels.div_ceil(group);
-        (0..row_blocks * groups).into_par_iter().for_each(|t| {
-            let (g, rb) = (t / row_blocks, t % row_blocks);
-            let r0 = rb * ROW_BLOCK;
-            let p0 = g * group;
-            run_tile(r0..(r0 + ROW_BLOCK).min(m), p0..(p0 + group).min(num_panels));
-        });
-    }
+    let split = PanelSplit {
+        decode_rows: DECODE_ROWS,
+        row_block: ROW_BLOCK,
+        // ~256 KiB of f32 weights per prefill task.
+        group_panels: 256 * 1024 / (k * PANEL * 4),
+        serial: m * n * k < 32 * 1024,
+    };
+    for_each_panel_tile(m, num_panels, split, run_tile);
 }
 
 fn has_avx512() -> bool {

@@ -9,6 +9,7 @@
 //! widened values are exact, so both forms give bit-identical sums.
 
 use super::PANEL;
+use crate::kernel::{PanelSplit, for_each_panel_tile};
 use rayon::prelude::*;
 
 /// Rows per micro-tile (6 rows x 2 halves x 2 k-parity sets = 24 zmm accumulators).
@@ -90,7 +91,6 @@ pub(super) fn gemm(
     assert!(panels.len() >= num_panels * k * PANEL && epi.scale.len() >= num_panels * PANEL);
     assert!(epi.row_sums.is_none_or(|s| s.len() >= m) && epi.scaled_offset.is_some() == epi.row_sums.is_some());
     let out = OutPtr(y.as_mut_ptr());
-    let threads = rayon::current_num_threads().max(1);
     let avx512 = avx512 && has_avx512();
 
     let run_tile = |rows: std::ops::Range<usize>, panel_range: std::ops::Range<usize>| {
@@ -138,29 +138,14 @@ pub(super) fn gemm(
         }
     };
 
-    if m <= DECODE_ROWS {
-        // Decode: memory-bound; ~8 panel tasks per thread so work stealing rebalances.
-        let chunk = num_panels.div_ceil(threads * 8).max(1);
-        let tasks = num_panels.div_ceil(chunk);
-        if tasks <= 1 || m * n * k < 32 * 1024 {
-            run_tile(0..m, 0..num_panels);
-        } else {
-            (0..tasks).into_par_iter().for_each(|t| {
-                let p0 = t * chunk;
-                run_tile(0..m, p0..(p0 + chunk).min(num_panels));
-            });
-        }
-    } else {
-        // Prefill: tiles of ROW_BLOCK rows x a group of panels (~128 KiB of int8 weights).
-        let group = (128 * 1024 / (k * PANEL)).clamp(1, num_panels);
-        let row_blocks = m.div_ceil(ROW_BLOCK);
-        let groups = num_panels.div_ceil(group);
-        (0..row_blocks * groups).into_par_iter().for_each(|t| {
-            let (g, rb) = (t / row_blocks, t % row_blocks);
-            let (r0, p0) = (rb * ROW_BLOCK, g * group);
-            run_tile(r0..(r0 + ROW_BLOCK).min(m), p0..(p0 + group).min(num_panels));
-        });
-    }
+    let split = PanelSplit {
+        decode_rows: DECODE_ROWS,
+        row_block: ROW_BLOCK,
+        // ~128 KiB of int8 weights per prefill task.
+        group_panels: 128 * 1024 / (k * PANEL),
+        serial: m * n * k < 32 * 1024,
+    };
+    for_each_panel_tile(m, num_panels, split, run_tile);
 }
 
 /// `dst[i] = src[i] as f32` (exact) for equal-length slices.
