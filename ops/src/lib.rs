@@ -13,6 +13,7 @@
 //! | `kv_write` | [`kv_cache`] |
 //! | `prompt_attention`, `decode_attention` | [`attention`] |
 //! | `PackedLinear` (y = x W^T + b) | [`linear`] |
+//! | `quantize`, `QuantLinear` (int8 A8W8) | [`quant`] |
 //! | `WeightQuantLinear` (W8A16: y = x ((W_q + o) s)^T + b) | [`weight_quant`] |
 
 pub mod attention;
@@ -21,6 +22,7 @@ pub mod kernel;
 pub mod kv_cache;
 pub mod linear;
 pub mod norm;
+pub mod quant;
 pub mod rope;
 pub mod swiglu;
 pub mod testing;
@@ -30,6 +32,7 @@ pub use attention::{decode_attention, decode_attention_reference, prompt_attenti
 pub use kv_cache::{kv_write, kv_write_reference};
 pub use linear::{PackedLinear, linear_reference};
 pub use norm::{add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference};
+pub use quant::{Int8Matrix, QuantKernel, QuantLinear, quant_matmul_reference, quantize, quantize_reference};
 pub use rope::{rope, rope_reference};
 pub use swiglu::{swiglu, swiglu_reference};
 pub use weight_quant::{WeightQuantLinear, rtn_quantize_weight, weight_quant_linear_reference};

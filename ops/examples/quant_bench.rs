@@ -1,0 +1,101 @@
+//! Speed of the int8 linear layer (`QuantLinear::forward`: quantize + int8 GEMM + dequant) against
+//! the f32 `PackedLinear` on the same shapes in the same run, on 1 and 2 rayon threads.
+//! Reports medians after a warm-up as GMAC/s (multiply-accumulates of the matmul) and GB/s of
+//! weight bytes read (int8: N*K bytes; f32: 4*N*K bytes). Prefill rows also run the forced
+//! AVX-512 VNNI kernel when AMX is the default.
+//!
+//! `cargo run --release -p candle-ascend-ops --example quant_bench [prefill|decode]`
+
+use std::time::{Duration, Instant};
+
+use candle_ascend_ops::testing::Rng;
+use candle_ascend_ops::{PackedLinear, QuantKernel, QuantLinear};
+use candle_core::{DType, Result, Tensor};
+
+fn median(mut f: impl FnMut() -> Result<Tensor>, reps: usize) -> Result<Duration> {
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(200) {
+        f()?;
+    }
+    let mut times: Vec<Duration> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f().map(|_| t0.elapsed())
+        })
+        .collect::<Result<_>>()?;
+    times.sort();
+    Ok(times[reps / 2])
+}
+
+fn main() -> Result<()> {
+    let mut rng = Rng::seeded(11);
+    // (rows, K, N): decode and prefill shapes of the example models' projections, and one
+    // weight far larger than the caches.
+    let shapes = [
+        (1, 576, 3072),
+        (4, 576, 3072),
+        (1, 896, 4864),
+        (4, 896, 4864),
+        (1, 4864, 896),
+        (1, 2048, 16384),
+        (4, 2048, 16384),
+        (512, 576, 3072),
+        (512, 896, 4864),
+        (512, 4864, 896),
+    ];
+    let only = std::env::args().nth(1);
+    let shapes: Vec<_> = shapes
+        .into_iter()
+        .filter(|&(m, _, _)| match only.as_deref() {
+            Some("prefill") => m > 16,
+            Some("decode") => m <= 16,
+            _ => true,
+        })
+        .collect();
+    println!("int8 kernels available: {:?}", QuantKernel::available());
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        pool.install(|| -> Result<()> {
+            for &(m, k, n) in &shapes {
+                let w = rng.tensor(&[n, k], -0.5, 0.5, DType::F32)?;
+                let x = rng.tensor(&[m, k], -1.0, 1.0, DType::F32)?;
+                let wq: Vec<i8> = (0..n * k).map(|_| rng.next_u64() as i8).collect();
+                let bias: Vec<i32> = (0..n).map(|i| i as i32 - 100).collect();
+                let deq = vec![1e-4f32; n];
+                let f32_layer = PackedLinear::new(&w, None)?;
+                let int8_layer = QuantLinear::new(&wq, &bias, &deq)?;
+                let reps = if m >= 256 { 15 } else { 60 };
+                let t_f32 = median(|| f32_layer.forward(&x), reps)?;
+                let t_i8 = median(|| int8_layer.forward(&x, 40.0, 2.0), reps)?;
+                let macs = (m * n * k) as f64;
+                let report = |name: &str, t: Duration, bytes_per_weight: usize| {
+                    let s = t.as_secs_f64();
+                    format!(
+                        "{name} {:8.1} us {:7.1} GMAC/s {:6.1} GB/s",
+                        s * 1e6,
+                        macs / s / 1e9,
+                        (n * k * bytes_per_weight) as f64 / s / 1e9
+                    )
+                };
+                let kernel = int8_layer.kernel_for_rows(m).name();
+                let mut line = format!(
+                    "threads {threads} m={m:4} k={k:5} n={n:5} | {} | {} [{kernel}] | x{:.2}",
+                    report("f32", t_f32, 4),
+                    report("int8", t_i8, 1),
+                    t_f32.as_secs_f64() / t_i8.as_secs_f64()
+                );
+                if m > 16 && int8_layer.kernel_for_rows(m) == QuantKernel::Amx && QuantKernel::Vnni.is_available() {
+                    let vnni = QuantLinear::with_kernel(&wq, &bias, &deq, QuantKernel::Vnni)?;
+                    let t_vnni = median(|| vnni.forward(&x, 40.0, 2.0), reps)?;
+                    line.push_str(&format!(" | {} [avx512-vnni]", report("int8", t_vnni, 1)));
+                }
+                println!("{line}");
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! AMX int8 kernel: `tdpbssd` (s8 x s8 -> i32) on 16 x 64-byte tiles.
+//!
+//! One step is a 2 x 2 block of accumulator tiles (32 rows x 32 channels): tmm0..3 hold C,
+//! tmm4/5 two A tiles (16 rows x 64 `k` of activations each, row stride `k_padded`), tmm6/7
+//! two B tiles (the packed panels, 16 groups of 4 `k` x 16 channels, stride 64 bytes).
+//! Every tile uses the same shape (16 rows x 64 bytes), so one tile configuration serves the
+//! whole task. Activations need no shift (signed x signed).
+//!
+//! Linux keeps AMX tile data disabled until the process asks for it with
+//! `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`; [`available`] does that once.
+
+use super::cpu::AccTile;
+use super::pack::{K_BLOCK, ROW_TILE, StagedActivations};
+
+/// Whether the CPU has AMX-TILE and AMX-INT8 and the OS granted tile data to this process.
+pub(super) fn available() -> bool {
+    static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GRANTED.get_or_init(request_permission)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_permission() -> bool {
+    use std::arch::x86_64::__cpuid_count;
+    // CPUID leaf 7 sub-leaf 0, EDX bit 24 = AMX-TILE, bit 25 = AMX-INT8.
+    let edx = __cpuid_count(7, 0).edx;
+    if edx & (1 << 24) == 0 || edx & (1 << 25) == 0 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM) only takes two integers and changes the
+    // process's permitted xsave features; it touches no memory of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    rc == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn request_permission() -> bool {
+    false
+}
+
+/// The tile configuration of this kernel: palette 1, tiles 0..8 all 16 rows x 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn uniform() -> Self {
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1; // palette
+        for t in 0..8 {
+            cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes()); // bytes per row
+            cfg[48 + t] = 16; // rows
+        }
+        Self(cfg)
+    }
+}
+
+/// Holds this thread's tile configuration for the life of a task; releases it on drop.
+pub(super) struct TileSession(());
+
+impl TileSession {
+    /// Loads the kernel's tile configuration on the current thread.
+    ///
+    /// # Safety
+    /// [`available`] must have returned true (CPU support and OS permission).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn start() -> Self {
+        let cfg = TileConfig::uniform();
+        // SAFETY: the caller guarantees AMX is usable; `cfg` is a valid 64-byte palette-1
+        // configuration that lives across the instruction.
+        unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+        Self(())
+    }
+
+    /// # Safety
+    /// Never called on other architectures ([`available`] is false there).
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) unsafe fn start() -> Self {
+        unreachable!("amx kernel on a non-x86 target")
+    }
+}
+
+impl Drop for TileSession {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a TileSession exists only after a successful ldtilecfg on this thread
+        // (rayon tasks run to completion on one thread); tilerelease just resets tile state.
+        unsafe {
+            std::arch::asm!("tilerelease", options(nostack, nomem))
+        };
+    }
+}
+
+/// Depth of one K chunk: activations of a 32-row block (32 x chunk bytes, at most 20 KiB) stay
+/// in L1 while the weight pairs of a task stream past them from L2.
+pub(super) fn k_chunk(k_padded: usize) -> usize {
+    const MAX_CHUNK: usize = 640;
+    let chunks = k_padded.div_ceil(MAX_CHUNK);
+    (k_padded / K_BLOCK).div_ceil(chunks) * K_BLOCK
+}
+
+/// Computes the 32 x 32 block of rows `r0..r0 + 32` against the two panels `w` over
+/// `k_range` (bounds multiples of 64, within `k_padded`) into `acc`: overwritten when
+/// `accumulate` is false, added to when true.
+///
+/// # Safety
+/// A [`TileSession`] must be live on this thread; `x` must hold rows `r0..r0 + 32` of
+/// `x.stride == k_padded` bytes; each panel must hold `16 * k_padded` bytes.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn tile(
+    x: &StagedActivations,
+    r0: usize,
+    w: [&[u8]; 2],
+    k_range: std::ops::Range<usize>,
+    k_padded: usize,
+    acc: &mut AccTile,
+    accumulate: bool,
+) {
+    assert!(k_padded.is_multiple_of(K_BLOCK) && x.stride == k_padded);
+    assert!(k_range.start.is_multiple_of(K_BLOCK) && k_range.end.is_multiple_of(K_BLOCK) && k_range.end <= k_padded);
+    assert!(w[0].len() >= 16 * k_padded && w[1].len() >= 16 * k_padded);
+    assert!(x.data.as_slice().len() >= (r0 + ROW_TILE) * k_padded);
+    let a0 = x.row(r0).as_ptr();
+    // SAFETY: rows r0..r0 + 32 exist (asserted above).
+    let a1 = unsafe { a0.add(16 * k_padded) };
+    let (b0, b1) = (w[0].as_ptr(), w[1].as_ptr());
+    let c = acc.as_mut_ptr().cast::<i32>();
+    // SAFETY: (whole block) a live TileSession configured every tile as 16 rows x 64 bytes;
+    // each tileloadd reads 16 rows of 64 bytes at the given stride, which stay inside the
+    // asserted extents (A: rows r0..r0+32, columns kb..kb+64 <= k_padded; B: 1 KiB at kb * 16
+    // within a panel of 16 * k_padded bytes; C: 16 rows x 64 bytes at a 128-byte stride
+    // inside `acc`, 32 x 32 i32); tilestored writes the same C extents of `acc`.
+    unsafe {
+        if accumulate {
+            std::arch::asm!(
+                "tileloadd tmm0, [{c00} + {sc} * 1]",
+                "tileloadd tmm1, [{c01} + {sc} * 1]",
+                "tileloadd tmm2, [{c10} + {sc} * 1]",
+                "tileloadd tmm3, [{c11} + {sc} * 1]",
+                c00 = in(reg) c,
+                c01 = in(reg) c.add(16),
+                c10 = in(reg) c.add(16 * 32),
+                c11 = in(reg) c.add(16 * 32 + 16),
+                sc = in(reg) 128usize,
+                options(nostack, readonly)
+            );
+        } else {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        let mut kb = k_range.start;
+        while kb < k_range.end {
+            std::arch::asm!(
+                "tileloadd tmm4, [{a0} + {sa} * 1]",
+                "tileloadd tmm6, [{b0} + {sb} * 1]",
+                "tdpbssd tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb} * 1]",
+                "tdpbssd tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa} * 1]",
+                "tdpbssd tmm2, tmm5, tmm6",
+                "tdpbssd tmm3, tmm5, tmm7",
+                a0 = in(reg) a0.add(kb),
+                a1 = in(reg) a1.add(kb),
+                b0 = in(reg) b0.add(kb * 16),
+                b1 = in(reg) b1.add(kb * 16),
+                sa = in(reg) k_padded,
+                sb = in(reg) 64usize,
+                options(nostack, readonly)
+            );
+            kb += K_BLOCK;
+        }
+        std::arch::asm!(
+            "tilestored [{c00} + {sc} * 1], tmm0",
+            "tilestored [{c01} + {sc} * 1], tmm1",
+            "tilestored [{c10} + {sc} * 1], tmm2",
+            "tilestored [{c11} + {sc} * 1], tmm3",
+            c00 = in(reg) c,
+            c01 = in(reg) c.add(16),
+            c10 = in(reg) c.add(16 * 32),
+            c11 = in(reg) c.add(16 * 32 + 16),
+            sc = in(reg) 128usize,
+            options(nostack)
+        );
+    }
+}
+
+/// # Safety
+/// Never called on other architectures ([`available`] is false there).
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) unsafe fn tile(
+    _: &StagedActivations,
+    _: usize,
+    _: [&[u8]; 2],
+    _: std::ops::Range<usize>,
+    _: usize,
+    _: &mut AccTile,
+    _: bool,
+) {
+    unreachable!("amx kernel on a non-x86 target")
+}

@@ -1,0 +1,181 @@
+//! The rayon work split, the per-kernel block loops and the dequantizing epilogue.
+//!
+//! Decode (<= 16 rows): tasks are runs of channel pairs, all rows each (a GEMV streaming the
+//! packed weights once). Prefill: tasks are one 32-row block x a group of pairs (~256 KiB of
+//! weights, shared through L2 by consecutive tasks); AMX additionally cuts K into chunks of at
+//! most 640 so the block's activations stay in L1 (see `amx::k_chunk`).
+
+use rayon::prelude::*;
+
+use super::pack::{PAIR, PackedWeights, ROW_TILE, StagedActivations};
+use super::{QuantKernel, amx, portable, vnni};
+
+/// Integer accumulators of one block: up to 32 rows x 32 channels.
+pub(crate) type AccTile = [[i32; PAIR]; ROW_TILE];
+
+/// Rows up to which a call is treated as decode: split over channels only, and AMX hands over
+/// to the VNNI GEMV (a 16-row AMX tile would be mostly padding).
+pub(crate) const DECODE_ROWS: usize = 16;
+/// Rows of one prefill task: one 32-row block, whose activations (32 x K bytes) stay in L1
+/// while the task streams its group of weight pairs from L2 (measured faster than taller row
+/// blocks, where activations and weights evict each other from L1).
+const ROW_BLOCK: usize = ROW_TILE;
+
+/// Where the epilogue writes: dequantized f32, or raw `acc + bias_q` (for exact tests).
+#[derive(Clone, Copy)]
+pub(crate) enum Sink<'a> {
+    F32 { out: OutPtr<f32>, deq_scale: &'a [f32] },
+    I32 { out: OutPtr<i32> },
+}
+
+/// Raw output pointer shared by tasks that write disjoint (row, channel) blocks.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr<T>(pub(crate) *mut T);
+// SAFETY: every task writes a disjoint set of output elements (its own rows x channel pairs),
+// and the buffer outlives the parallel region (it is borrowed mutably by the caller of `gemm`).
+unsafe impl<T> Send for OutPtr<T> {}
+// SAFETY: as above: no two tasks touch the same element.
+unsafe impl<T> Sync for OutPtr<T> {}
+
+/// Everything a kernel call needs besides the activations.
+pub(crate) struct GemmArgs<'a> {
+    pub(crate) weights: &'a PackedWeights,
+    /// The kernel's bias: `bias_q`, or the shift-folded bias for VNNI.
+    pub(crate) bias: &'a [i32],
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) kernel: QuantKernel,
+}
+
+/// Computes `out[m, n] = epilogue(sum_k x[m, k] wq[n, k] + bias[n])` for the `x.rows` staged
+/// rows (staged for `args.kernel`). `out` must hold `x.rows * n` elements.
+pub(crate) fn gemm(x: &StagedActivations, args: &GemmArgs<'_>, sink: Sink<'_>) {
+    let m = x.rows;
+    let pairs = args.weights.n_padded / PAIR;
+    let threads = rayon::current_num_threads().max(1);
+    let run = |rows: std::ops::Range<usize>, pair_range: std::ops::Range<usize>| {
+        run_block(x, args, sink, rows, pair_range);
+    };
+    if m <= DECODE_ROWS {
+        let chunk = pairs.div_ceil(threads * 8).max(1);
+        let tasks = pairs.div_ceil(chunk);
+        if tasks <= 1 || m * args.n * args.k < 64 * 1024 {
+            run(0..m, 0..pairs);
+        } else {
+            (0..tasks).into_par_iter().for_each(|t| run(0..m, t * chunk..((t + 1) * chunk).min(pairs)));
+        }
+    } else {
+        // Prefill: tasks of ROW_BLOCK rows x a group of pairs (~256 KiB of packed weights, kept
+        // in L2 across consecutive tasks: the row block index varies fastest).
+        let group = (256 * 1024 / (args.weights.k_padded * PAIR)).clamp(1, pairs);
+        let row_blocks = m.div_ceil(ROW_BLOCK);
+        let groups = pairs.div_ceil(group);
+        (0..row_blocks * groups).into_par_iter().for_each(|t| {
+            let (g, rb) = (t / row_blocks, t % row_blocks);
+            let r0 = rb * ROW_BLOCK;
+            run(r0..(r0 + ROW_BLOCK).min(m), g * group..((g + 1) * group).min(pairs));
+        });
+    }
+}
+
+/// One task: every 32-row block of `rows` against every channel pair of `pair_range`.
+fn run_block(
+    x: &StagedActivations,
+    args: &GemmArgs<'_>,
+    sink: Sink<'_>,
+    rows: std::ops::Range<usize>,
+    pair_range: std::ops::Range<usize>,
+) {
+    let w = args.weights;
+    let k_groups = args.k.div_ceil(4);
+    let mut acc: AccTile = [[0; PAIR]; ROW_TILE];
+    let _session = match args.kernel {
+        // SAFETY: the AMX kernel is selected only when `amx::available()` (checked in
+        // `QuantLinear::with_kernel`).
+        QuantKernel::Amx => Some(unsafe { amx::TileSession::start() }),
+        _ => None,
+    };
+    if args.kernel == QuantKernel::Amx {
+        // K chunks outermost (per 32-row block): the block's activation chunk stays in L1
+        // while every pair of the task streams past it; partial sums wait in `accs`.
+        let chunk = amx::k_chunk(w.k_padded);
+        // One accumulator block per pair only when partial sums must survive across chunks.
+        let multi_chunk = chunk < w.k_padded;
+        let mut accs: Vec<AccTile> = vec![[[0; PAIR]; ROW_TILE]; if multi_chunk { pair_range.len() } else { 1 }];
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let mr = ROW_TILE.min(rows.end - r0);
+            let mut k0 = 0;
+            while k0 < w.k_padded {
+                let k1 = (k0 + chunk).min(w.k_padded);
+                for (i, p) in pair_range.clone().enumerate() {
+                    let acc = &mut accs[if multi_chunk { i } else { 0 }];
+                    let panels = [w.panel(2 * p), w.panel(2 * p + 1)];
+                    // SAFETY: a TileSession is live (above); staging for AMX pads rows to a
+                    // multiple of ROW_TILE with stride k_padded; panels hold 16 * k_padded
+                    // bytes; k0 and k1 are multiples of 64 within k_padded.
+                    unsafe { amx::tile(x, r0, panels, k0..k1, w.k_padded, acc, k0 > 0) };
+                    if k1 == w.k_padded {
+                        // Last chunk: dequantize while the block is still in L1.
+                        store(acc, mr, r0, p * PAIR, args, sink);
+                    }
+                }
+                k0 = k1;
+            }
+            r0 += mr;
+        }
+        return;
+    }
+    for p in pair_range {
+        let panels = [w.panel(2 * p), w.panel(2 * p + 1)];
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let mr = ROW_TILE.min(rows.end - r0);
+            match args.kernel {
+                // SAFETY: VNNI is selected only when `vnni::available()`; rows r0..r0+mr exist
+                // with k_padded >= 4 * k_groups bytes, panels hold 64 * k_groups bytes.
+                QuantKernel::Vnni => unsafe { vnni::tile(x, r0, mr, panels, k_groups, &mut acc) },
+                _ => portable::tile(x, r0, mr, panels, k_groups, &mut acc),
+            }
+            store(&acc, mr, r0, p * PAIR, args, sink);
+            r0 += mr;
+        }
+    }
+}
+
+/// Writes `mr` rows of a block to the output (valid channels only), adding the bias and,
+/// for the f32 sink, multiplying by `deq_scale`.
+fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, sink: Sink<'_>) {
+    let n = args.n;
+    let cols = PAIR.min(n - n0);
+    let bias = &args.bias[n0..n0 + cols];
+    match sink {
+        Sink::F32 { out, deq_scale } => {
+            let deq = &deq_scale[n0..n0 + cols];
+            #[cfg(target_arch = "x86_64")]
+            if super::simd::available() {
+                // SAFETY: AVX-512 checked just above; rows r0..r0 + mr < m and channels
+                // n0..n0 + cols <= n lie inside the m x n output, and this task is the only
+                // writer of this (rows, pair) block.
+                unsafe { super::simd::dequantize_block(acc, mr, bias, deq, out.0.add(r0 * n + n0), n, cols) };
+                return;
+            }
+            for (r, acc_row) in acc.iter().enumerate().take(mr) {
+                // SAFETY: as above (row r0 + r, channels n0..n0 + cols, exclusive).
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((r0 + r) * n + n0), cols) };
+                for c in 0..cols {
+                    dst[c] = acc_row[c].wrapping_add(bias[c]) as f32 * deq[c];
+                }
+            }
+        }
+        Sink::I32 { out } => {
+            for (r, acc_row) in acc.iter().enumerate().take(mr) {
+                // SAFETY: as above (row r0 + r, channels n0..n0 + cols, exclusive).
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((r0 + r) * n + n0), cols) };
+                for c in 0..cols {
+                    dst[c] = acc_row[c].wrapping_add(bias[c]);
+                }
+            }
+        }
+    }
+}

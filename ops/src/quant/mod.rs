@@ -1,0 +1,302 @@
+//! Int8 quantization (A8W8C8, DESIGN.md section 6) on the CPU: activation quantization and the
+//! int8 linear layer `y = (x_q @ wq^T + bias_q) * deq_scale`.
+//!
+//! Contracts (mirroring aclnnAscendQuantV3 and aclnnQuantMatmulV4):
+//! - [`quantize`]: `q = saturate(round(x * scale + offset))` to [-128, 127], per tensor, static.
+//!   `x * scale` and `+ offset` are two f32 operations (no fused multiply-add); `round` is half
+//!   away from zero (`f32::round`, as CANN's AscendQuant); NaN quantizes to 0, +-inf saturate.
+//! - [`QuantLinear`]: weights int8 `[N, K]` per output channel symmetric, `bias_q` i32 `[N]`
+//!   (zero-point correction included), `deq_scale` f32 `[N]`. The dot products accumulate in
+//!   i32 (wrapping, as the hardware does), the epilogue is `(acc + bias_q) as f32 * deq_scale`.
+//!
+//! Kernels, chosen at run time (see [`QuantKernel`]): AMX `tdpbssd` tiles for prefill when the
+//! OS grants tile data, AVX-512 VNNI `vpdpbusd` (activations shifted to u8, the shift folded
+//! into the bias at load) for decode and on CPUs without AMX, and a portable scalar path. All
+//! share one packed weight layout (`pack.rs`), built once at load.
+//!
+//! References: [`quantize_reference`], [`quant_matmul_reference`] (candle ops) and
+//! [`quant_accumulators_reference`] (exact integers).
+
+mod amx;
+mod cpu;
+mod pack;
+mod portable;
+mod reference;
+mod simd;
+#[cfg(test)]
+mod tests;
+mod vnni;
+
+pub use reference::{quant_accumulators_reference, quant_matmul_reference, quantize_reference};
+
+use candle_core::{DType, Device, Result, Tensor, bail};
+use rayon::prelude::*;
+
+use crate::host::{Element, with_slice};
+use cpu::{DECODE_ROWS, GemmArgs, OutPtr, Sink};
+use pack::{PackedWeights, ROW_TILE, StagedActivations};
+
+/// Quantizes one value: `saturate(round(x * scale + offset))`, NaN -> 0.
+#[inline(always)]
+pub fn quantize_value(x: f32, scale: f32, offset: f32) -> i8 {
+    let v = x * scale + offset;
+    // Clamping first is exact (the bounds are integers) and keeps the cast in range; then
+    // round half away from zero by truncation plus a correction (vectorizes, unlike roundf).
+    let c = if v.is_nan() { 0.0 } else { v.clamp(-128.0, 127.0) };
+    let t = c as i32;
+    let frac = c - t as f32;
+    (t + (frac >= 0.5) as i32 - (frac <= -0.5) as i32) as i8
+}
+
+/// A row-major int8 matrix (candle has no i8 dtype).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Int8Matrix {
+    pub data: Vec<i8>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Splits `[..., K]` into (rows, K) and checks the last dimension is not empty.
+fn rows_and_cols(x: &Tensor, op: &str) -> Result<(usize, usize)> {
+    let Some((&k, outer)) = x.dims().split_last() else {
+        bail!("{op}: input must have at least one dimension");
+    };
+    Ok((outer.iter().product(), k))
+}
+
+/// Calls `f(row, values)` for each row of `x` (`[..., K]`, f32/f16/bf16, any strides; made
+/// contiguous first when needed) in parallel.
+fn for_each_row<T: Element>(
+    x: &Tensor,
+    op: &'static str,
+    dst: &mut [u8],
+    dst_stride: usize,
+    f: impl Fn(&[T], &mut [u8]) + Sync,
+) -> Result<()> {
+    let (m, k) = rows_and_cols(x, op)?;
+    let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+    with_slice::<T, _>(&x, op, |data, layout| {
+        let src = &data[layout.start_offset()..layout.start_offset() + m * k];
+        if m * k >= 64 * 1024 {
+            dst.par_chunks_mut(dst_stride).take(m).enumerate().for_each(|(r, out)| f(&src[r * k..(r + 1) * k], out));
+        } else {
+            dst.chunks_mut(dst_stride).take(m).enumerate().for_each(|(r, out)| f(&src[r * k..(r + 1) * k], out));
+        }
+        Ok(())
+    })
+}
+
+/// `q = saturate(round(x * scale + offset))` of `x` `[..., K]` (f32, f16 or bf16, any outer
+/// strides) into an `Int8Matrix` of `prod(...)` rows and `K` columns.
+pub fn quantize(x: &Tensor, scale: f32, offset: f32) -> Result<Int8Matrix> {
+    let (rows, cols) = rows_and_cols(x, "quantize")?;
+    let mut bytes = vec![0u8; rows * cols];
+    if cols > 0 {
+        crate::dispatch_float!(x.dtype(), "quantize", T => for_each_row::<T>(x, "quantize", &mut bytes, cols, |src, out| pack::quantize_row(src, scale, offset, 0, out)))?;
+    }
+    let data = bytes.into_iter().map(|b| b as i8).collect();
+    Ok(Int8Matrix { data, rows, cols })
+}
+
+/// An int8 kernel family of [`QuantLinear`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantKernel {
+    /// AMX `tdpbssd` (needs AMX-INT8 and the OS's XTILEDATA permission).
+    Amx,
+    /// AVX-512 VNNI `vpdpbusd` with u8-shifted activations.
+    Vnni,
+    /// Plain loops, any CPU.
+    Portable,
+}
+
+impl QuantKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantKernel::Amx => "amx",
+            QuantKernel::Vnni => "avx512-vnni",
+            QuantKernel::Portable => "portable",
+        }
+    }
+
+    /// Whether this kernel can run on this machine (and process).
+    pub fn is_available(self) -> bool {
+        match self {
+            QuantKernel::Amx => amx::available(),
+            QuantKernel::Vnni => vnni::available(),
+            QuantKernel::Portable => true,
+        }
+    }
+
+    /// Every kernel available here, fastest first.
+    pub fn available() -> Vec<QuantKernel> {
+        [QuantKernel::Amx, QuantKernel::Vnni, QuantKernel::Portable].into_iter().filter(|k| k.is_available()).collect()
+    }
+}
+
+/// An int8 linear layer, `y = (quantize(x) @ wq^T + bias_q) * deq_scale`, packed once at load.
+pub struct QuantLinear {
+    weights: PackedWeights,
+    bias_q: Vec<i32>,
+    /// `bias_q - 128 * sum_k wq[n, k]`: the bias of the VNNI path (u8-shifted activations).
+    bias_shifted: Vec<i32>,
+    deq_scale: Vec<f32>,
+    out_features: usize,
+    in_features: usize,
+    /// Kernel for calls with more than [`DECODE_ROWS`] rows.
+    prefill_kernel: QuantKernel,
+    /// Kernel for decode-sized calls.
+    decode_kernel: QuantKernel,
+}
+
+impl std::fmt::Debug for QuantLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuantLinear")
+            .field("out_features", &self.out_features)
+            .field("in_features", &self.in_features)
+            .field("prefill_kernel", &self.prefill_kernel)
+            .field("decode_kernel", &self.decode_kernel)
+            .finish()
+    }
+}
+
+impl QuantLinear {
+    /// Packs `wq` (`[N, K]` row-major int8, `N = bias_q.len()`) with `bias_q` `[N]` and
+    /// `deq_scale` `[N]`, for the fastest kernel of this machine: AMX for prefill (VNNI for
+    /// decode), else VNNI, else portable.
+    pub fn new(wq: &[i8], bias_q: &[i32], deq_scale: &[f32]) -> Result<Self> {
+        let prefill = QuantKernel::available().first().copied().unwrap_or(QuantKernel::Portable);
+        let decode =
+            if prefill == QuantKernel::Amx && QuantKernel::Vnni.is_available() { QuantKernel::Vnni } else { prefill };
+        Self::build(wq, bias_q, deq_scale, prefill, decode)
+    }
+
+    /// Like [`new`](Self::new) but forces `kernel` for every call (tests, benchmarks); an error
+    /// when the kernel is not available here.
+    pub fn with_kernel(wq: &[i8], bias_q: &[i32], deq_scale: &[f32], kernel: QuantKernel) -> Result<Self> {
+        if !kernel.is_available() {
+            bail!("quant_linear: kernel {} is not available on this machine", kernel.name());
+        }
+        Self::build(wq, bias_q, deq_scale, kernel, kernel)
+    }
+
+    fn build(wq: &[i8], bias_q: &[i32], deq_scale: &[f32], prefill: QuantKernel, decode: QuantKernel) -> Result<Self> {
+        let n = bias_q.len();
+        if n == 0 || wq.is_empty() || !wq.len().is_multiple_of(n) {
+            bail!("quant_linear: wq has {} values, not a non-empty [N={n}, K] matrix", wq.len());
+        }
+        if deq_scale.len() != n {
+            bail!("quant_linear: deq_scale has {} values, expected N={n}", deq_scale.len());
+        }
+        let k = wq.len() / n;
+        Ok(Self {
+            weights: pack::pack_weights(wq, n, k),
+            bias_q: bias_q.to_vec(),
+            bias_shifted: pack::fold_shift_into_bias(wq, n, k, bias_q),
+            deq_scale: deq_scale.to_vec(),
+            out_features: n,
+            in_features: k,
+            prefill_kernel: prefill,
+            decode_kernel: decode,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// The kernel used for prefill-sized calls: "amx", "avx512-vnni" or "portable".
+    pub fn kernel_name(&self) -> &'static str {
+        self.prefill_kernel.name()
+    }
+
+    /// The kernel used for a call with `rows` rows.
+    pub fn kernel_for_rows(&self, rows: usize) -> QuantKernel {
+        if rows <= DECODE_ROWS { self.decode_kernel } else { self.prefill_kernel }
+    }
+
+    /// Bytes of int8 weights read per forward (bandwidth accounting; `N * K`).
+    pub fn weight_bytes(&self) -> usize {
+        self.out_features * self.in_features
+    }
+
+    fn staging(&self, rows: usize, kernel: QuantKernel) -> StagedActivations {
+        let rows_padded = if kernel == QuantKernel::Amx { rows.div_ceil(ROW_TILE) * ROW_TILE } else { rows };
+        StagedActivations::new(rows, rows_padded, self.weights.k_padded)
+    }
+
+    fn args(&self, kernel: QuantKernel) -> GemmArgs<'_> {
+        let bias = if kernel == QuantKernel::Vnni { &self.bias_shifted } else { &self.bias_q };
+        GemmArgs { weights: &self.weights, bias, n: self.out_features, k: self.in_features, kernel }
+    }
+
+    /// `y = (saturate(round(x * act_scale + act_offset)) @ wq^T + bias_q) * deq_scale`:
+    /// `x` is `[..., K]` (f32, f16 or bf16, any outer strides), `y` is `[..., N]` in `x`'s dtype.
+    /// Quantization, the int8 GEMM and the dequantizing epilogue run in one call.
+    pub fn forward(&self, x: &Tensor, act_scale: f32, act_offset: f32) -> Result<Tensor> {
+        let (m, k) = rows_and_cols(x, "quant_linear")?;
+        if k != self.in_features {
+            bail!("quant_linear: input has {k} features, weight expects {}", self.in_features);
+        }
+        let kernel = self.kernel_for_rows(m);
+        let mut staged = self.staging(m, kernel);
+        let flip = if kernel == QuantKernel::Vnni { 0x80 } else { 0 };
+        let stride = staged.stride;
+        crate::dispatch_float!(x.dtype(), "quant_linear", T => for_each_row::<T>(x, "quant_linear", staged.data.as_mut_slice(), stride, |src, out| pack::quantize_row(src, act_scale, act_offset, flip, out)))?;
+        let y = self.gemm_f32(&staged, kernel);
+        let mut shape = x.dims()[..x.rank() - 1].to_vec();
+        shape.push(self.out_features);
+        let y = Tensor::from_vec(y, shape, &Device::Cpu)?;
+        if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
+    }
+
+    /// Runs the GEMM with the f32 epilogue into a fresh `rows x N` vector (not zero-filled
+    /// first: the GEMM writes every element).
+    fn gemm_f32(&self, staged: &StagedActivations, kernel: QuantKernel) -> Vec<f32> {
+        let len = staged.rows * self.out_features;
+        let mut y = Vec::<f32>::with_capacity(len);
+        cpu::gemm(staged, &self.args(kernel), Sink::F32 { out: OutPtr(y.as_mut_ptr()), deq_scale: &self.deq_scale });
+        // SAFETY: `gemm` wrote every element of the `rows x N` output (its tasks cover all rows
+        // and all channel pairs, and each block stores all of its valid rows and channels),
+        // inside the capacity `len` reserved above.
+        unsafe { y.set_len(len) };
+        y
+    }
+
+    fn check_quantized(&self, xq: &Int8Matrix) -> Result<()> {
+        if xq.cols != self.in_features || xq.data.len() != xq.rows * xq.cols {
+            bail!(
+                "quant_linear: input is {}x{} ({} values), weight expects K={}",
+                xq.rows,
+                xq.cols,
+                xq.data.len(),
+                self.in_features
+            );
+        }
+        Ok(())
+    }
+
+    /// `(xq @ wq^T + bias_q) * deq_scale` for already quantized rows, `[rows, N]` row-major f32.
+    pub fn forward_quantized(&self, xq: &Int8Matrix) -> Result<Vec<f32>> {
+        self.check_quantized(xq)?;
+        let kernel = self.kernel_for_rows(xq.rows);
+        let mut staged = self.staging(xq.rows, kernel);
+        pack::stage_int8(&xq.data, xq.rows, xq.cols, kernel == QuantKernel::Vnni, &mut staged);
+        Ok(self.gemm_f32(&staged, kernel))
+    }
+
+    /// The int32 accumulators before the epilogue, `xq @ wq^T + bias_q` (`[rows, N]` row-major,
+    /// wrapping i32 like the hardware): the exact-integer test hook.
+    pub fn forward_accumulators(&self, xq: &Int8Matrix) -> Result<Vec<i32>> {
+        self.check_quantized(xq)?;
+        let kernel = self.kernel_for_rows(xq.rows);
+        let mut staged = self.staging(xq.rows, kernel);
+        pack::stage_int8(&xq.data, xq.rows, xq.cols, kernel == QuantKernel::Vnni, &mut staged);
+        let mut acc = vec![0i32; xq.rows * self.out_features];
+        cpu::gemm(&staged, &self.args(kernel), Sink::I32 { out: OutPtr(acc.as_mut_ptr()) });
+        Ok(acc)
+    }
+}

@@ -1,0 +1,119 @@
+//! AVX-512 helpers around the int8 kernels: activation quantization (16 values per step) and
+//! the dequantizing epilogue (16 channels per step). Both fall back to the scalar code in
+//! `pack.rs` / `cpu.rs` on CPUs without AVX-512F, and compute bit-identical results to it.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use crate::host::Element;
+use candle_core::DType;
+
+/// Whether the AVX-512 helpers can run (AVX-512F and BW for the byte stores).
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Loads 16 elements of `T` (f32, f16 or bf16) as f32.
+///
+/// # Safety
+/// AVX-512F must be available and `p` valid for reading 16 elements.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load16<T: Element>(p: *const T) -> __m512 {
+    // SAFETY: forwarded from the caller (16 readable elements, AVX-512F present); the dtype
+    // match selects the load matching T's layout (checked through T::DTYPE).
+    unsafe {
+        match T::DTYPE {
+            DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+            DType::BF16 => {
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()))))
+            }
+            _ => _mm512_loadu_ps(p.cast()),
+        }
+    }
+}
+
+/// `dst[i] = quantize_value(src[i], scale, offset) as u8 ^ flip` for the common length.
+///
+/// # Safety
+/// [`available`] must be true.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn quantize_row<T: Element>(src: &[T], scale: f32, offset: f32, flip: u8, dst: &mut [u8]) {
+    let len = src.len().min(dst.len());
+    let (vs, vo) = (_mm512_set1_ps(scale), _mm512_set1_ps(offset));
+    let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
+    let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
+    let vflip = _mm_set1_epi8(flip as i8);
+    let mut i = 0;
+    while i + 16 <= len {
+        // SAFETY: i + 16 <= len, so 16 elements are readable from src and writable in dst.
+        unsafe {
+            let v = _mm512_add_ps(_mm512_mul_ps(load16(src.as_ptr().add(i)), vs), vo);
+            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+            let c = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(c);
+            let frac = _mm512_sub_ps(c, t);
+            let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
+            let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(frac, _mm512_sub_ps(_mm512_setzero_ps(), half));
+            let r = _mm512_mask_sub_ps(_mm512_mask_add_ps(t, up, t, one), down, t, one);
+            let q = _mm512_maskz_cvttps_epi32(ordered, r);
+            let bytes = _mm_xor_si128(_mm512_cvtepi32_epi8(q), vflip);
+            _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), bytes);
+        }
+        i += 16;
+    }
+    for (o, &v) in dst[i..len].iter_mut().zip(&src[i..len]) {
+        *o = (super::quantize_value(v.to_f32(), scale, offset) as u8) ^ flip;
+    }
+}
+
+/// Dequantizes the first `rows` rows of a block: `out[r * ldy + c] = (acc[r][c] + bias[c]) as
+/// f32 * deq[c]` for `c < cols` (at most 32).
+///
+/// # Safety
+/// [`available`] must be true; `bias` and `deq` hold at least `cols` values; `out` must be
+/// valid for writing `cols` f32 at `out + r * ldy` for every `r < rows`, and no other thread
+/// may access those elements during the call.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn dequantize_block(
+    acc: &[[i32; 32]],
+    rows: usize,
+    bias: &[i32],
+    deq: &[f32],
+    out: *mut f32,
+    ldy: usize,
+    cols: usize,
+) {
+    assert!(cols <= 32 && rows <= acc.len() && bias.len() >= cols && deq.len() >= cols);
+    let mask_of = |c: usize| -> __mmask16 { if cols - c >= 16 { 0xffff } else { (1u16 << (cols - c)) - 1 } };
+    let (m0, m1) = (mask_of(0), if cols > 16 { mask_of(16) } else { 0 });
+    // SAFETY: the masks limit the loads to indices < cols of `bias` and `deq`.
+    let (b0, b1, s0, s1) = unsafe {
+        (
+            _mm512_maskz_loadu_epi32(m0, bias.as_ptr()),
+            _mm512_maskz_loadu_epi32(m1, bias.as_ptr().add(16)),
+            _mm512_maskz_loadu_ps(m0, deq.as_ptr()),
+            _mm512_maskz_loadu_ps(m1, deq.as_ptr().add(16)),
+        )
+    };
+    for (r, row) in acc.iter().enumerate().take(rows) {
+        // SAFETY: `row` is 32 i32; the stores are masked to columns < cols of output row r,
+        // which the caller guarantees writable and exclusively ours.
+        unsafe {
+            let a0 = _mm512_loadu_si512(row.as_ptr().cast());
+            let a1 = _mm512_loadu_si512(row.as_ptr().add(16).cast());
+            let dst = out.add(r * ldy);
+            _mm512_mask_storeu_ps(dst, m0, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, b0)), s0));
+            _mm512_mask_storeu_ps(dst.add(16), m1, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a1, b1)), s1));
+        }
+    }
+}

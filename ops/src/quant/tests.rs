@@ -1,0 +1,209 @@
+//! Tests of the int8 ops: exact integer accumulators on every kernel available here, the
+//! quantize rounding/saturation policy, and float outputs through `forward` against the
+//! candle-op references.
+
+use super::*;
+use crate::testing::{FLOAT_DTYPES, Rng, Tolerance, assert_close, case_id};
+
+fn random_i8(rng: &mut Rng, len: usize) -> Vec<i8> {
+    (0..len).map(|_| rng.next_u64() as i8).collect()
+}
+
+fn random_layer(rng: &mut Rng, n: usize, k: usize) -> (Vec<i8>, Vec<i32>, Vec<f32>) {
+    let wq = random_i8(rng, n * k);
+    let bias: Vec<i32> = (0..n).map(|_| (rng.next_u64() % 200_001) as i32 - 100_000).collect();
+    let deq: Vec<f32> = (0..n).map(|_| rng.uniform(1e-5, 1e-3)).collect();
+    (wq, bias, deq)
+}
+
+fn check_exact(kernel: QuantKernel, xq: &Int8Matrix, wq: &[i8], bias: &[i32], case: &str) -> Result<()> {
+    let layer = QuantLinear::with_kernel(wq, bias, &vec![1.0; bias.len()], kernel)?;
+    let got = layer.forward_accumulators(xq)?;
+    let want = quant_accumulators_reference(&xq.data, xq.rows, xq.cols, wq, bias);
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        if g as i64 != w {
+            bail!("{case}: kernel {} accumulator {i} = {g}, reference {w}", kernel.name());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn accumulators_are_exact_on_every_kernel() -> Result<()> {
+    let mut rng = Rng::fresh("quant accumulators");
+    let kernels = QuantKernel::available();
+    eprintln!("kernels available: {:?}", kernels);
+    for kernel in kernels {
+        for m in [1, 3, 16, 33, 100] {
+            for k in [72, 200, 576 + 8, 1500] {
+                for n in [1, 70, 130] {
+                    let xq = Int8Matrix { data: random_i8(&mut rng, m * k), rows: m, cols: k };
+                    let (wq, bias, _) = random_layer(&mut rng, n, k);
+                    check_exact(kernel, &xq, &wq, &bias, &format!("QUANT_ACC(m={m},k={k},n={n})"))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn accumulators_at_extreme_values() -> Result<()> {
+    let (m, k, n) = (35, 1400, 33);
+    for kernel in QuantKernel::available() {
+        for (xv, wv) in [(-128i8, -128i8), (-128, 127), (127, -128), (127, 127), (0, -128), (-128, 0)] {
+            let xq = Int8Matrix { data: vec![xv; m * k], rows: m, cols: k };
+            let wq = vec![wv; n * k];
+            for bias in [0, i32::MAX / 4, i32::MIN / 4] {
+                check_exact(
+                    kernel,
+                    &xq,
+                    &wq,
+                    &vec![bias; n],
+                    &format!("QUANT_ACC_EXTREME(x={xv},w={wv},bias={bias})"),
+                )?;
+            }
+        }
+        // Decode-sized call too (VNNI GEMV path under `new`).
+        let xq = Int8Matrix { data: vec![-128; k], rows: 1, cols: k };
+        check_exact(kernel, &xq, &vec![127; n * k], &vec![7; n], "QUANT_ACC_EXTREME(m=1)")?;
+    }
+    Ok(())
+}
+
+#[test]
+fn quantize_rounds_half_away_and_saturates() -> Result<()> {
+    let cases: [(f32, i8); 18] = [
+        (0.5, 1),
+        (-0.5, -1),
+        (1.5, 2),
+        (2.5, 3),
+        (-2.5, -3),
+        (0.499_999_97, 0),
+        (-0.499_999_97, 0),
+        (126.5, 127),
+        (127.49, 127),
+        (127.5, 127),
+        (128.0, 127),
+        (-128.49, -128),
+        (-128.5, -128),
+        (-1e9, -128),
+        (1e9, 127),
+        (f32::INFINITY, 127),
+        (f32::NEG_INFINITY, -128),
+        (f32::NAN, 0),
+    ];
+    let x: Vec<f32> = cases.iter().map(|c| c.0).collect();
+    let t = Tensor::from_vec(x, (1, cases.len()), &Device::Cpu)?;
+    let q = quantize(&t, 1.0, 0.0)?;
+    for (i, &(v, want)) in cases.iter().enumerate() {
+        if q.data[i] != want {
+            bail!("QUANTIZE({v}) = {}, expected {want}", q.data[i]);
+        }
+    }
+    // Offset and scale: x * 2 + 3.
+    let t = Tensor::new(&[[-0.25f32, 0.25, -1.75, 70.0, -70.0]], &Device::Cpu)?;
+    let q = quantize(&t, 2.0, 3.0)?;
+    if q.data != [3, 4, -1, 127, -128] {
+        bail!("QUANTIZE(scale=2,offset=3) = {:?}", q.data);
+    }
+    Ok(())
+}
+
+#[test]
+fn quantize_matches_reference() -> Result<()> {
+    let mut rng = Rng::fresh("quantize");
+    for dtype in FLOAT_DTYPES {
+        for shape in [&[1usize, 7][..], &[3, 5, 200], &[2, 64, 333]] {
+            let x = rng.tensor(shape, -4.0, 4.0, dtype)?;
+            let (scale, offset) = (rng.uniform(10.0, 60.0), rng.uniform(-20.0, 20.0).round());
+            let got = quantize(&x, scale, offset)?;
+            let want = quantize_reference(&x, scale, offset)?.flatten_all()?.to_vec1::<f32>()?;
+            let got_f: Vec<f32> = got.data.iter().map(|&v| v as f32).collect();
+            if got_f != want || got.rows * got.cols != want.len() {
+                bail!("{}: quantize differs from the reference", case_id("QUANTIZE", dtype, shape, ""));
+            }
+        }
+        // Strided: a narrow of a wider activation.
+        let wide = rng.tensor(&[4, 300], -2.0, 2.0, dtype)?;
+        let x = wide.narrow(1, 17, 250)?;
+        let got: Vec<f32> = quantize(&x, 50.0, 1.0)?.data.iter().map(|&v| v as f32).collect();
+        let want = quantize_reference(&x, 50.0, 1.0)?.flatten_all()?.to_vec1::<f32>()?;
+        if got != want {
+            bail!("{}: quantize differs from the reference", case_id("QUANTIZE", dtype, &[4, 250], "strided"));
+        }
+    }
+    Ok(())
+}
+
+/// forward (fused quantize + GEMM + epilogue) against quantize_reference + quant_matmul_reference.
+#[test]
+fn forward_matches_reference() -> Result<()> {
+    let mut rng = Rng::fresh("quant_linear forward");
+    let (scale, offset) = (40.0f32, -3.0f32);
+    for kernel in QuantKernel::available() {
+        for dtype in FLOAT_DTYPES {
+            for (outer, k, n) in [(&[1usize, 1][..], 576, 70), (&[4], 200, 33), (&[2, 20], 584, 130), (&[100], 72, 1)] {
+                let (wq, bias, deq) = random_layer(&mut rng, n, k);
+                let layer = QuantLinear::with_kernel(&wq, &bias, &deq, kernel)?;
+                let mut shape = outer.to_vec();
+                shape.push(k);
+                let x = rng.tensor(&shape, -3.0, 3.0, dtype)?;
+                let got = layer.forward(&x, scale, offset)?;
+                if got.dtype() != dtype {
+                    bail!("forward returned {:?} for {:?} input", got.dtype(), dtype);
+                }
+                let want = quant_matmul_reference(&quantize_reference(&x, scale, offset)?, &wq, &bias, &deq)?;
+                let id = case_id("QUANT_LINEAR", dtype, &shape, &format!("n={n},kernel={}", kernel.name()));
+                assert_close(&id, &got, &want, Tolerance::for_dtype(dtype).times(2.0))?;
+            }
+            // Strided input.
+            let (wq, bias, deq) = random_layer(&mut rng, 48, 256);
+            let layer = QuantLinear::with_kernel(&wq, &bias, &deq, kernel)?;
+            let wide = rng.tensor(&[2, 25, 300], -3.0, 3.0, dtype)?;
+            let x = wide.narrow(2, 20, 256)?;
+            let want = quant_matmul_reference(&quantize_reference(&x, scale, offset)?, &wq, &bias, &deq)?;
+            let id = case_id("QUANT_LINEAR", dtype, &[2, 25, 256], &format!("strided,kernel={}", kernel.name()));
+            assert_close(&id, &layer.forward(&x, scale, offset)?, &want, Tolerance::for_dtype(dtype).times(2.0))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn forward_quantized_matches_reference_and_default_kernel() -> Result<()> {
+    let mut rng = Rng::fresh("quant_linear forward_quantized");
+    let (m, k, n) = (37, 300, 90);
+    let (wq, bias, deq) = random_layer(&mut rng, n, k);
+    let xq = Int8Matrix { data: random_i8(&mut rng, m * k), rows: m, cols: k };
+    let xt = Tensor::from_vec(xq.data.iter().map(|&v| v as f32).collect::<Vec<_>>(), (m, k), &Device::Cpu)?;
+    let want = quant_matmul_reference(&xt, &wq, &bias, &deq)?;
+    let layer = QuantLinear::new(&wq, &bias, &deq)?;
+    eprintln!("default kernel: {} (decode: {})", layer.kernel_name(), layer.kernel_for_rows(1).name());
+    let got = Tensor::from_vec(layer.forward_quantized(&xq)?, (m, n), &Device::Cpu)?;
+    assert_close("QUANT_LINEAR_Q(m=37,k=300,n=90)", &got, &want, Tolerance::for_dtype(DType::F32))
+}
+
+#[test]
+fn bad_input_is_an_error() -> Result<()> {
+    let wq = vec![1i8; 6 * 10];
+    if QuantLinear::new(&wq, &[0; 7], &[1.0; 7]).is_ok() {
+        bail!("wq not divisible by N was accepted");
+    }
+    if QuantLinear::new(&wq, &[0; 6], &[1.0; 5]).is_ok() {
+        bail!("deq_scale of the wrong length was accepted");
+    }
+    let layer = QuantLinear::new(&wq, &[0; 6], &[1.0; 6])?;
+    let x = Tensor::zeros((2, 11), DType::F32, &Device::Cpu)?;
+    if layer.forward(&x, 1.0, 0.0).is_ok() {
+        bail!("K mismatch was accepted");
+    }
+    if layer.forward(&x.to_dtype(DType::U32)?.narrow(1, 0, 10)?, 1.0, 0.0).is_ok() {
+        bail!("an integer input was accepted");
+    }
+    let xq = Int8Matrix { data: vec![0; 9], rows: 1, cols: 9 };
+    if layer.forward_accumulators(&xq).is_ok() {
+        bail!("quantized K mismatch was accepted");
+    }
+    Ok(())
+}
