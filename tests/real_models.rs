@@ -37,10 +37,8 @@ fn both_models_know_the_capital_of_france() {
 
 #[test]
 fn w8a16_smollm2_still_knows_the_capital_of_france() {
-    let options = ModelOptions {
-        quantize: Some(candle_ascend_llm::QuantConfig::preset("w8a16").unwrap()),
-        ..Default::default()
-    };
+    let options =
+        ModelOptions { quantize: Some(candle_ascend_llm::QuantConfig::preset("w8a16").unwrap()), ..Default::default() };
     let mut model = Model::load(&known_model("smollm2-135m-instruct"), "cpu", options).unwrap();
     let answer = model.chat("What is the capital of France?", &SamplingConfig::greedy(24)).unwrap();
     assert!(answer.contains("Paris"), "W8A16 SmolLM2 answered {answer:?}");

@@ -3,25 +3,13 @@
 //!
 //! `cargo run --release -p candle-ascend-ops --example attention_bench`
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_ascend_ops::testing::Rng;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result};
 
-fn median(mut f: impl FnMut() -> Result<Tensor>, reps: usize) -> Result<Duration> {
-    // Warm up for 200 ms: caches, the allocator's mmap threshold, the rayon workers.
-    let warm = Instant::now();
-    while warm.elapsed() < Duration::from_millis(200) {
-        f()?;
-    }
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t0 = Instant::now();
-        f()?;
-        times.push(t0.elapsed());
-    }
-    times.sort();
-    Ok(times[reps / 2])
+fn median<T>(f: impl FnMut() -> Result<T>, reps: usize) -> Result<Duration> {
+    candle_ascend_ops::testing::median_time(f, reps)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -4,34 +4,35 @@
 //!
 //! `cargo run --release -p candle-ascend-ops --example linear_bench`
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_ascend_ops::PackedLinear;
 use candle_ascend_ops::testing::Rng;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result};
 
-fn median(mut f: impl FnMut() -> Result<Tensor>, reps: usize) -> Result<Duration> {
-    let warm = Instant::now();
-    while warm.elapsed() < Duration::from_millis(200) {
-        f()?;
-    }
-    let mut times: Vec<Duration> = (0..reps)
-        .map(|_| {
-            let t0 = Instant::now();
-            f().map(|_| t0.elapsed())
-        })
-        .collect::<Result<_>>()?;
-    times.sort();
-    Ok(times[reps / 2])
+fn median<T>(f: impl FnMut() -> Result<T>, reps: usize) -> Result<Duration> {
+    candle_ascend_ops::testing::median_time(f, reps)
 }
 
 fn main() -> Result<()> {
     let mut rng = Rng::seeded(7);
     // (rows, K, N): decode and prefill shapes of the two example models, and one weight far
     // larger than the caches.
-    let shapes = [(1, 576, 3072), (4, 576, 3072), (1, 4864, 896), (4, 4864, 896), (1, 2048, 16384), (4, 2048, 16384), (16, 2048, 16384), (512, 576, 3072)];
+    let shapes = [
+        (1, 576, 3072),
+        (4, 576, 3072),
+        (1, 4864, 896),
+        (4, 4864, 896),
+        (1, 2048, 16384),
+        (4, 2048, 16384),
+        (16, 2048, 16384),
+        (512, 576, 3072),
+    ];
     for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         pool.install(|| -> Result<()> {
             for (m, k, n) in shapes {
                 let w = rng.tensor(&[n, k], -0.5, 0.5, DType::F32)?;

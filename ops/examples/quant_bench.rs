@@ -6,25 +6,14 @@
 //!
 //! `cargo run --release -p candle-ascend-ops --example quant_bench [prefill|decode]`
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_ascend_ops::testing::Rng;
 use candle_ascend_ops::{PackedLinear, QuantKernel, QuantLinear};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result};
 
-fn median(mut f: impl FnMut() -> Result<Tensor>, reps: usize) -> Result<Duration> {
-    let warm = Instant::now();
-    while warm.elapsed() < Duration::from_millis(200) {
-        f()?;
-    }
-    let mut times: Vec<Duration> = (0..reps)
-        .map(|_| {
-            let t0 = Instant::now();
-            f().map(|_| t0.elapsed())
-        })
-        .collect::<Result<_>>()?;
-    times.sort();
-    Ok(times[reps / 2])
+fn median<T>(f: impl FnMut() -> Result<T>, reps: usize) -> Result<Duration> {
+    candle_ascend_ops::testing::median_time(f, reps)
 }
 
 fn main() -> Result<()> {

@@ -5,25 +5,14 @@
 //!
 //! `cargo run --release -p candle-ascend-ops --example weight_quant_bench [decode|prefill]`
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_ascend_ops::testing::Rng;
 use candle_ascend_ops::{PackedLinear, WeightQuantLinear};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result};
 
-fn median(mut f: impl FnMut() -> Result<Tensor>, reps: usize) -> Result<Duration> {
-    let warm = Instant::now();
-    while warm.elapsed() < Duration::from_millis(200) {
-        f()?;
-    }
-    let mut times: Vec<Duration> = (0..reps)
-        .map(|_| {
-            let t0 = Instant::now();
-            f().map(|_| t0.elapsed())
-        })
-        .collect::<Result<_>>()?;
-    times.sort();
-    Ok(times[reps / 2])
+fn median<T>(f: impl FnMut() -> Result<T>, reps: usize) -> Result<Duration> {
+    candle_ascend_ops::testing::median_time(f, reps)
 }
 
 fn main() -> Result<()> {

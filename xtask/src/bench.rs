@@ -127,7 +127,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let max_batch = args.batches.iter().copied().max().unwrap_or(1);
         let cap = CacheConfig { max_batch, max_seq_len: (args.prompt_len + 1).max(64 + args.decode_steps + 1) };
         let quant = args.quantize.as_deref().map(QuantConfig::preset).transpose()?;
-        let mut ours = Transformer::new_quantized(CpuBackend::new(DType::F32)?, cfg.clone(), &ckpt.weights, cap, quant.as_ref())?;
+        let mut ours =
+            Transformer::new_quantized(CpuBackend::new(DType::F32)?, cfg.clone(), &ckpt.weights, cap, quant.as_ref())?;
         let mut reference =
             if args.no_reference { None } else { Some(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?) };
         drop(ckpt);
@@ -214,7 +215,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     let ours_label = args.quantize.as_deref().map_or("ours f32".to_string(), |q| format!("ours {q}"));
-    println!("\n| model | metric | {ours_label} tokens/s (median, min..max) | candle-transformers f32 tokens/s | ratio |");
+    println!(
+        "\n| model | metric | {ours_label} tokens/s (median, min..max) | candle-transformers f32 tokens/s | ratio |"
+    );
     println!("|---|---|---|---|---|");
     for r in &rows {
         let (refm, refs) = if r.reference.0.is_empty() {

@@ -56,9 +56,9 @@ impl Backend for CpuBackend {
     fn prepare_linear(&self, weights: LinearWeights<'_>) -> Result<CpuLinear> {
         Ok(match weights {
             LinearWeights::Float { weight, bias } => CpuLinear::Float(ops::PackedLinear::new(weight, bias)?),
-            LinearWeights::Int8Weight { w_q, out_features, in_features, scale, bias } => CpuLinear::Int8Weight(
-                ops::WeightQuantLinear::new(w_q, (out_features, in_features), scale, None, bias)?,
-            ),
+            LinearWeights::Int8Weight { w_q, out_features, in_features, scale, bias } => {
+                CpuLinear::Int8Weight(ops::WeightQuantLinear::new(w_q, (out_features, in_features), scale, None, bias)?)
+            }
         })
     }
 

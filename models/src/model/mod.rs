@@ -120,11 +120,31 @@ impl<B: Backend> Transformer<B> {
             let up = w("mlp.up_proj.weight", &[c.intermediate_size, h])?;
             layers.push(DecoderLayer {
                 input_norm: backend.upload(&w("input_layernorm.weight", &[h])?)?,
-                qkv: linear(Some(i), &names(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]), &qkv_w, qkv_b.as_ref())?,
-                o_proj: linear(Some(i), &names(&["self_attn.o_proj"]), &w("self_attn.o_proj.weight", &[h, c.num_heads * d])?, None)?,
+                qkv: linear(
+                    Some(i),
+                    &names(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                    &qkv_w,
+                    qkv_b.as_ref(),
+                )?,
+                o_proj: linear(
+                    Some(i),
+                    &names(&["self_attn.o_proj"]),
+                    &w("self_attn.o_proj.weight", &[h, c.num_heads * d])?,
+                    None,
+                )?,
                 post_attention_norm: backend.upload(&w("post_attention_layernorm.weight", &[h])?)?,
-                gate_up: linear(Some(i), &names(&["mlp.gate_proj", "mlp.up_proj"]), &Tensor::cat(&[&gate, &up], 0)?, None)?,
-                down: linear(Some(i), &names(&["mlp.down_proj"]), &w("mlp.down_proj.weight", &[h, c.intermediate_size])?, None)?,
+                gate_up: linear(
+                    Some(i),
+                    &names(&["mlp.gate_proj", "mlp.up_proj"]),
+                    &Tensor::cat(&[&gate, &up], 0)?,
+                    None,
+                )?,
+                down: linear(
+                    Some(i),
+                    &names(&["mlp.down_proj"]),
+                    &w("mlp.down_proj.weight", &[h, c.intermediate_size])?,
+                    None,
+                )?,
             });
         }
         let lm_head_host = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
@@ -175,7 +195,12 @@ impl<B: Backend> Transformer<B> {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| be.linear_bytes(&l.qkv) + be.linear_bytes(&l.o_proj) + be.linear_bytes(&l.gate_up) + be.linear_bytes(&l.down))
+            .map(|l| {
+                be.linear_bytes(&l.qkv)
+                    + be.linear_bytes(&l.o_proj)
+                    + be.linear_bytes(&l.gate_up)
+                    + be.linear_bytes(&l.down)
+            })
             .sum();
         layers + be.linear_bytes(&self.lm_head)
     }
@@ -299,5 +324,11 @@ fn prepare_linear<B: Backend>(
     }
     let (out_features, in_features) = weight.dims2()?;
     let (w_q, scale) = candle_ascend_ops::rtn_quantize_weight(weight)?;
-    Ok(backend.prepare_linear(LinearWeights::Int8Weight { w_q: &w_q, out_features, in_features, scale: &scale, bias })?)
+    Ok(backend.prepare_linear(LinearWeights::Int8Weight {
+        w_q: &w_q,
+        out_features,
+        in_features,
+        scale: &scale,
+        bias,
+    })?)
 }

@@ -258,3 +258,21 @@ macro_rules! conformance_suite {
         }
     };
 }
+
+/// Median wall time of `reps` calls of `f` after a 200 ms warm-up (caches, the allocator's
+/// mmap threshold, the rayon workers): the timing helper of the kernel benchmarks in
+/// `ops/examples/`.
+pub fn median_time<T>(mut f: impl FnMut() -> Result<T>, reps: usize) -> Result<std::time::Duration> {
+    let warm = std::time::Instant::now();
+    while warm.elapsed() < std::time::Duration::from_millis(200) {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let t0 = std::time::Instant::now();
+        f()?;
+        times.push(t0.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
