@@ -24,6 +24,7 @@ use anyhow::{Context, Result, bail};
 use candle_ascend_models::backend::CpuBackend;
 use candle_ascend_models::loader::{Checkpoint, TokenizerBundle, Weights, load_checkpoint};
 pub use candle_ascend_models::quant::QuantConfig;
+use candle_ascend_models::quant::{Calibration, QuantDtype, calibrate};
 pub use candle_ascend_models::random::random_weights;
 pub use candle_ascend_models::{
     Architecture, CacheConfig, GenerationOutput, ModelConfig, SamplingConfig, chat, fetch, loader,
@@ -82,11 +83,14 @@ pub struct ModelOptions {
     pub cache: CacheConfig,
     /// Quantization applied at load (e.g. `QuantConfig::preset("w8a16")`); `None` keeps floats.
     pub quantize: Option<QuantConfig>,
+    /// Calibration text for schemes with int8 activations (`a8w8`): tokenized and run through
+    /// the float model in chunks of at most 512 tokens before quantizing.
+    pub calibration_text: Option<String>,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, cache: CacheConfig::default(), quantize: None }
+        Self { dtype: DType::F32, cache: CacheConfig::default(), quantize: None, calibration_text: None }
     }
 }
 
@@ -108,7 +112,16 @@ impl Model {
         check_device(device)?;
         let Checkpoint { config, weights, tokenizer, .. } =
             load_checkpoint(path, options.dtype).with_context(|| format!("loading {}", path.display()))?;
-        let mut model = Self::from_weights(config, &weights, device, options)?;
+        let calibration = match (&options.quantize, &options.calibration_text) {
+            (Some(q), Some(text)) if q.activation_dtype == QuantDtype::Int8 => {
+                let ids =
+                    tokenizer.tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+                let chunks: Vec<Vec<u32>> = ids.get_ids().chunks(512).map(<[u32]>::to_vec).collect();
+                Some(calibrate(&config, &weights, &chunks).context("calibrating")?)
+            }
+            _ => None,
+        };
+        let mut model = Self::build(config, &weights, device, options, calibration.as_ref())?;
         model.tokenizer = Some(tokenizer);
         Ok(model)
     }
@@ -141,14 +154,25 @@ impl Model {
         device: DeviceSpec,
         options: ModelOptions,
     ) -> Result<Self> {
+        Self::build(config, weights, device, options, None)
+    }
+
+    fn build(
+        config: ModelConfig,
+        weights: &Weights,
+        device: DeviceSpec,
+        options: ModelOptions,
+        calibration: Option<&Calibration>,
+    ) -> Result<Self> {
         check_device(device)?;
         let engine = match device {
-            DeviceSpec::Cpu => Engine::Cpu(Transformer::new_quantized(
+            DeviceSpec::Cpu => Engine::Cpu(Transformer::new_calibrated(
                 CpuBackend::new(options.dtype)?,
                 config,
                 weights,
                 options.cache,
                 options.quantize.as_ref(),
+                calibration,
             )?),
             other => bail!("device {other} is not available in this build"),
         };

@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_ascend_models::quant::QuantConfig;
+use candle_ascend_models::quant::{QuantConfig, calibrate};
 use candle_ascend_models::{Architecture, CacheConfig, CpuBackend, ModelConfig, ModelError, Transformer};
 use candle_core::DType;
 
@@ -74,11 +74,65 @@ fn float_layers_and_unconverted_modules_stay_exact() {
 }
 
 #[test]
-fn schemes_needing_calibration_or_bad_layers_are_rejected() {
-    for preset in ["a8w8c8", "a8w8", "c8"] {
-        let err = build(Some(&QuantConfig::preset(preset).unwrap())).err().expect("must be rejected");
-        assert!(err.to_string().contains("calibrated scales"), "{preset}: {err}");
+fn a8w8_with_calibration_tracks_the_float_model() {
+    let cfg = config();
+    let weights = candle_ascend_models::random::random_weights(&cfg, 21).unwrap();
+    let calib_data: Vec<Vec<u32>> = (0..4).map(|i| common::random_prompt(256, 48, 100 + i)).collect();
+    let calibration = calibrate(&cfg, &weights, &calib_data).unwrap();
+    assert_eq!(calibration.layers.len(), 3);
+    assert_eq!(calibration.tokens, 4 * 48);
+    let prompt = common::random_prompt(256, 12, 9);
+    let mut float = build(None).unwrap();
+    let reference = float.forward(&prompt, prompt.len(), &[0], &[prompt.len()]).unwrap();
+    let mut ptq = QuantConfig::preset("a8w8").unwrap();
+    for (name, q) in [
+        ("a8w8 (smooth_quant)", QuantConfig::preset("a8w8").unwrap()),
+        ("a8w8 without smoothing", {
+            ptq.quant_method = candle_ascend_models::quant::QuantMethod::Ptq;
+            ptq.outliers_suppression = candle_ascend_models::quant::OutliersSuppression::None;
+            ptq.clone()
+        }),
+    ] {
+        let cache = CacheConfig { max_batch: 1, max_seq_len: 64 };
+        let mut m = Transformer::new_calibrated(
+            CpuBackend::new(DType::F32).unwrap(),
+            cfg.clone(),
+            &weights,
+            cache,
+            Some(&q),
+            Some(&calibration),
+        )
+        .unwrap();
+        let got = m.forward(&prompt, prompt.len(), &[0], &[prompt.len()]).unwrap();
+        let rel = common::relative_error(&got, &reference).unwrap();
+        eprintln!("{name}: logits relative error {rel:.3e} against f32");
+        assert!(rel > 0.0 && rel < 0.1, "{name}: logits relative error {rel}");
+        let (a, _) = common::top_two(&got.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (b, _) = common::top_two(&reference.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(a, b, "{name}: top-1 differs from float");
+        // int8 weights: at most ~30% of the f32 decoder bytes (lm_head kept in f32 excluded).
+        let lm_head = 256 * 256 * 4;
+        assert!((m.weight_bytes_per_token() - lm_head) * 10 <= (float.weight_bytes_per_token() - lm_head) * 3);
     }
+}
+
+#[test]
+fn calibration_rejects_too_little_data() {
+    let cfg = config();
+    let weights = candle_ascend_models::random::random_weights(&cfg, 21).unwrap();
+    assert!(calibrate(&cfg, &weights, &[]).is_err());
+    let err = calibrate(&cfg, &weights, &[vec![1, 2, 3]]).unwrap_err();
+    assert!(err.to_string().contains("at least 16 tokens"), "{err}");
+}
+
+#[test]
+fn schemes_needing_calibration_or_bad_layers_are_rejected() {
+    for preset in ["a8w8c8", "c8"] {
+        let err = build(Some(&QuantConfig::preset(preset).unwrap())).err().expect("must be rejected");
+        assert!(err.to_string().contains("int8 KV cache is not implemented"), "{preset}: {err}");
+    }
+    let err = build(Some(&QuantConfig::preset("a8w8").unwrap())).err().expect("a8w8 needs calibration");
+    assert!(err.to_string().contains("calibrat"), "{err}");
     let mut bad = QuantConfig::preset("w8a16").unwrap();
     bad.float_layers = vec![7];
     let err = build(Some(&bad)).err().expect("float layer 7 of 3 must be rejected");

@@ -47,9 +47,13 @@ pub struct Args {
     pub top_p: Option<f64>,
     #[arg(long, default_value_t = 299_792_458)]
     pub seed: u64,
-    /// Quantize at load with a preset (w8a16 now; a8w8c8, a8w8 and c8 need calibration).
+    /// Quantize at load with a preset: w8a16, or a8w8 (needs --calib); a8w8c8 and c8 (int8 KV
+    /// cache) are not implemented yet.
     #[arg(long, value_name = "PRESET")]
     pub quantize: Option<String>,
+    /// Calibration text file for presets with int8 activations (a8w8).
+    #[arg(long, value_name = "FILE")]
+    pub calib: Option<PathBuf>,
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -87,6 +91,12 @@ pub fn run(default_model: &str) -> Result<()> {
         dtype: parse_dtype(&args.dtype)?,
         cache: CacheConfig { max_batch: prompts.len(), max_seq_len: args.max_seq_len },
         quantize: args.quantize.as_deref().map(QuantConfig::preset).transpose()?,
+        calibration_text: match &args.calib {
+            Some(f) => {
+                Some(std::fs::read_to_string(f).with_context(|| format!("reading calibration text {}", f.display()))?)
+            }
+            None => None,
+        },
     };
     let quant = args.quantize.as_deref().map_or(String::new(), |q| format!(", {q}"));
     eprintln!("loading {} on {} ({}{quant})", path.display(), args.device, args.dtype);

@@ -27,6 +27,8 @@ pub enum CpuLinear {
     Float(ops::PackedLinear),
     /// int8 weights, float activations (W8A16).
     Int8Weight(ops::WeightQuantLinear),
+    /// int8 weights and activations (A8W8) with the static activation parameters.
+    Int8 { linear: ops::QuantLinear, act_scale: f32, act_offset: f32 },
 }
 
 /// One layer's fixed K and V caches, `[batch, capacity, kv_heads, head_dim]` each.
@@ -59,6 +61,11 @@ impl Backend for CpuBackend {
             LinearWeights::Int8Weight { w_q, out_features, in_features, scale, bias } => {
                 CpuLinear::Int8Weight(ops::WeightQuantLinear::new(w_q, (out_features, in_features), scale, None, bias)?)
             }
+            LinearWeights::Int8 { linear } => CpuLinear::Int8 {
+                linear: ops::QuantLinear::new(&linear.w_q, &linear.bias_q, &linear.deq_scale)?,
+                act_scale: linear.act_scale,
+                act_offset: linear.act_offset,
+            },
         })
     }
 
@@ -86,6 +93,7 @@ impl Backend for CpuBackend {
         match w {
             CpuLinear::Float(l) => l.forward(x),
             CpuLinear::Int8Weight(l) => l.forward(x),
+            CpuLinear::Int8 { linear, act_scale, act_offset } => linear.forward(x, *act_scale, *act_offset),
         }
     }
 
@@ -149,6 +157,7 @@ impl Backend for CpuBackend {
         match w {
             CpuLinear::Float(l) => l.weight_bytes(),
             CpuLinear::Int8Weight(l) => l.weight_bytes(),
+            CpuLinear::Int8 { linear, .. } => linear.weight_bytes(),
         }
     }
 

@@ -8,7 +8,7 @@
 //!
 //! Shapes use the BSND convention of the fused ops: `[batch, seq, heads, head_dim]`.
 
-mod cpu;
+pub mod cpu;
 
 pub use cpu::{CpuBackend, CpuLinear};
 
@@ -42,6 +42,8 @@ pub enum LinearWeights<'a> {
     /// W8A16: int8 weight `[N, K]` (row-major) with a per-output-channel symmetric scale,
     /// float activations; `y = x (w_q * scale)^T + bias`.
     Int8Weight { w_q: &'a [i8], out_features: usize, in_features: usize, scale: &'a [f32], bias: Option<&'a Tensor> },
+    /// A8W8: int8 weights and static per-tensor int8 activations (see `quant::a8w8`).
+    Int8 { linear: &'a crate::quant::a8w8::Int8Linear },
 }
 
 /// A compute backend for the shared llama/qwen2 decoder.

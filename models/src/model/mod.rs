@@ -13,7 +13,10 @@
 //!
 //! llama and qwen2 differ only in configuration (q/k/v bias, rope theta, tied embeddings).
 
+mod layer;
 mod rope;
+
+pub use layer::HostLayer;
 
 pub use rope::rope_tables;
 
@@ -21,7 +24,7 @@ use crate::backend::{Backend, LinearWeights, StepPlan};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
-use crate::quant::{QuantConfig, QuantDtype};
+use crate::quant::{Calibration, OutliersSuppression, QuantConfig, QuantDtype};
 use candle_core::Tensor;
 
 /// Capacity of the fixed KV cache.
@@ -79,12 +82,32 @@ impl<B: Backend> Transformer<B> {
         cache_config: CacheConfig,
         quant: Option<&QuantConfig>,
     ) -> Result<Self> {
+        Self::new_calibrated(backend, config, weights, cache_config, quant, None)
+    }
+
+    /// Like [`new_quantized`](Self::new_quantized) with calibrated input ranges, which int8
+    /// activations (A8W8) need: SmoothQuant scales are folded into the norm gammas and the
+    /// producing weights, then each converted linear gets int8 weights, static activation
+    /// parameters and the zero-point-correcting int32 bias. The int8 KV cache (C8) is not
+    /// implemented yet and is rejected.
+    pub fn new_calibrated(
+        backend: B,
+        config: ModelConfig,
+        weights: &Weights,
+        cache_config: CacheConfig,
+        quant: Option<&QuantConfig>,
+        calibration: Option<&Calibration>,
+    ) -> Result<Self> {
         if let Some(q) = quant {
             q.validate_for(config.num_layers).map_err(|e| ModelError::UnsupportedConfig(e.to_string()))?;
-            if q.activation_dtype == QuantDtype::Int8 || q.kvcache_dtype == QuantDtype::Int8 {
+            if q.kvcache_dtype == QuantDtype::Int8 {
                 return Err(ModelError::UnsupportedConfig(format!(
-                    "quantization `{q}`: int8 activations and int8 KV cache need calibrated scales, \
-                     which this build cannot produce yet; use the w8a16 preset"
+                    "quantization `{q}`: the int8 KV cache is not implemented yet; use the a8w8 or w8a16 preset"
+                )));
+            }
+            if q.activation_dtype == QuantDtype::Int8 && calibration.is_none() {
+                return Err(ModelError::UnsupportedConfig(format!(
+                    "quantization `{q}`: int8 activations need calibrated scales; calibrate first (--calib FILE)"
                 )));
             }
         }
@@ -96,55 +119,49 @@ impl<B: Backend> Transformer<B> {
         let c = &config;
         let (h, d) = (c.hidden_size, c.head_dim);
         let embed_host = weights.get_with_shape("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let linear = |layer: Option<usize>, modules: &[String], weight: &Tensor, bias: Option<&Tensor>| {
-            prepare_linear(&backend, quant, layer, modules, weight, bias)
-        };
+        let alpha =
+            quant.map(|q| q.smooth_alpha()).transpose().map_err(|e| ModelError::UnsupportedConfig(e.to_string()))?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
-            let p = format!("model.layers.{i}");
-            let names = |m: &[&str]| m.iter().map(|m| format!("{p}.{m}")).collect::<Vec<_>>();
-            let w = |name: &str, shape: &[usize]| weights.get_with_shape(&format!("{p}.{name}"), shape);
-            let q = w("self_attn.q_proj.weight", &[c.num_heads * d, h])?;
-            let k = w("self_attn.k_proj.weight", &[c.num_kv_heads * d, h])?;
-            let v = w("self_attn.v_proj.weight", &[c.num_kv_heads * d, h])?;
-            let qkv_w = Tensor::cat(&[&q, &k, &v], 0)?;
-            let qkv_b = if c.attention_bias {
-                let qb = w("self_attn.q_proj.bias", &[c.num_heads * d])?;
-                let kb = w("self_attn.k_proj.bias", &[c.num_kv_heads * d])?;
-                let vb = w("self_attn.v_proj.bias", &[c.num_kv_heads * d])?;
-                Some(Tensor::cat(&[&qb, &kb, &vb], 0)?)
-            } else {
-                None
+            let mut host = HostLayer::load(weights, c, i)?;
+            let names = host.module_names();
+            let a8w8 = |m: usize| quant.is_some_and(|q| uses_int8_activations(q, i, &names[m]));
+            // Per-tensor input range of each linear that runs A8W8, after SmoothQuant folding
+            // where the configuration asks for it.
+            let mut ranges: [Option<(f32, f32)>; 4] = [None; 4];
+            if (0..4).any(a8w8) {
+                let calib = calibration.ok_or_else(|| {
+                    ModelError::UnsupportedConfig(
+                        "int8 activations need calibration data (see quant::calibrate)".into(),
+                    )
+                })?;
+                let layer_ranges = calib.layers.get(i).ok_or_else(|| {
+                    ModelError::UnsupportedConfig(format!(
+                        "the calibration covers {} layers, not {}",
+                        calib.layers.len(),
+                        c.num_layers
+                    ))
+                })?;
+                let smooth = quant.is_some_and(|q| q.outliers_suppression == OutliersSuppression::Smooth);
+                let folded = crate::quant::a8w8::fold_layer(
+                    &mut host,
+                    layer_ranges,
+                    c,
+                    smooth.then_some(alpha.unwrap_or(0.5)),
+                    [a8w8(0), a8w8(1), a8w8(2), a8w8(3)],
+                )?;
+                ranges = folded;
+            }
+            let linear = |m: usize, weight: &Tensor, bias: Option<&Tensor>| {
+                prepare_linear(&backend, quant, Some(i), &names[m], weight, bias, ranges[m])
             };
-            let gate = w("mlp.gate_proj.weight", &[c.intermediate_size, h])?;
-            let up = w("mlp.up_proj.weight", &[c.intermediate_size, h])?;
             layers.push(DecoderLayer {
-                input_norm: backend.upload(&w("input_layernorm.weight", &[h])?)?,
-                qkv: linear(
-                    Some(i),
-                    &names(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-                    &qkv_w,
-                    qkv_b.as_ref(),
-                )?,
-                o_proj: linear(
-                    Some(i),
-                    &names(&["self_attn.o_proj"]),
-                    &w("self_attn.o_proj.weight", &[h, c.num_heads * d])?,
-                    None,
-                )?,
-                post_attention_norm: backend.upload(&w("post_attention_layernorm.weight", &[h])?)?,
-                gate_up: linear(
-                    Some(i),
-                    &names(&["mlp.gate_proj", "mlp.up_proj"]),
-                    &Tensor::cat(&[&gate, &up], 0)?,
-                    None,
-                )?,
-                down: linear(
-                    Some(i),
-                    &names(&["mlp.down_proj"]),
-                    &w("mlp.down_proj.weight", &[h, c.intermediate_size])?,
-                    None,
-                )?,
+                input_norm: backend.upload(&host.input_norm)?,
+                qkv: linear(0, &host.qkv_w, host.qkv_b.as_ref())?,
+                o_proj: linear(1, &host.o_w, None)?,
+                post_attention_norm: backend.upload(&host.post_attention_norm)?,
+                gate_up: linear(2, &host.gate_up_w, None)?,
+                down: linear(3, &host.down_w, None)?,
             });
         }
         let lm_head_host = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
@@ -168,7 +185,7 @@ impl<B: Backend> Transformer<B> {
             rope_cos: backend.upload(&cos)?,
             rope_sin: backend.upload(&sin)?,
             final_norm: backend.upload(&weights.get_with_shape("model.norm.weight", &[h])?)?,
-            lm_head: linear(None, &["lm_head".to_string()], &lm_head_host, None)?,
+            lm_head: prepare_linear(&backend, quant, None, &["lm_head".to_string()], &lm_head_host, None, None)?,
             layers,
             kv_caches,
             backend,
@@ -303,9 +320,18 @@ impl<B: Backend> Transformer<B> {
     }
 }
 
-/// Prepares one (possibly merged) linear: int8 weights (RTN, per output channel) when `quant`
-/// asks for int8 weights, the layer is not a float layer and no module merged into it is in
-/// `modules_to_not_convert`; float otherwise.
+/// Whether the linear merging `modules` in layer `layer` runs with int8 activations (A8W8).
+fn uses_int8_activations(q: &QuantConfig, layer: usize, modules: &[String]) -> bool {
+    q.activation_dtype == QuantDtype::Int8
+        && q.weight_dtype == QuantDtype::Int8
+        && q.quantizes_layer(layer)
+        && modules.iter().all(|m| q.converts_module(m))
+}
+
+/// Prepares one (possibly merged) linear: A8W8 when `input_range` is given (calibrated, the
+/// configuration asks for int8 activations); int8 weights (RTN, per output channel) when
+/// `quant` asks for int8 weights, the layer is not a float layer and no module merged into it
+/// is in `modules_to_not_convert`; float otherwise.
 fn prepare_linear<B: Backend>(
     backend: &B,
     quant: Option<&QuantConfig>,
@@ -313,7 +339,12 @@ fn prepare_linear<B: Backend>(
     modules: &[String],
     weight: &Tensor,
     bias: Option<&Tensor>,
+    input_range: Option<(f32, f32)>,
 ) -> Result<B::Linear> {
+    if let Some((lo, hi)) = input_range {
+        let linear = crate::quant::a8w8::quantize_linear(weight, bias, lo, hi)?;
+        return Ok(backend.prepare_linear(LinearWeights::Int8 { linear: &linear })?);
+    }
     let int8 = quant.is_some_and(|q| {
         q.weight_dtype == QuantDtype::Int8
             && layer.is_none_or(|l| q.quantizes_layer(l))

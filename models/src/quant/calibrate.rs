@@ -1,0 +1,193 @@
+//! Calibration: run the float model over calibration sequences and record, for the input of
+//! every linear layer, the per-channel minimum and maximum. SmoothQuant's migration scales and
+//! the static per-tensor asymmetric activation parameters (DESIGN.md section 6) are derived
+//! from these ranges.
+//!
+//! The model code is not touched: [`calibrate`] runs it on an observing backend that wraps the
+//! CPU backend and looks at every linear input on its way through.
+
+use crate::backend::{Backend, CpuBackend, CpuLinear, LinearWeights, StepPlan, cpu::CpuKvCache};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::loader::Weights;
+use crate::model::{CacheConfig, Transformer};
+use candle_core::{DType, Tensor};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Per-channel range of one linear input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelRange {
+    pub min: Vec<f32>,
+    pub max: Vec<f32>,
+}
+
+impl ChannelRange {
+    fn new(channels: usize) -> Self {
+        Self { min: vec![f32::INFINITY; channels], max: vec![f32::NEG_INFINITY; channels] }
+    }
+
+    /// max |x_j| per channel.
+    pub fn absmax(&self) -> Vec<f32> {
+        self.min.iter().zip(&self.max).map(|(a, b)| a.abs().max(b.abs())).collect()
+    }
+
+    /// Per-tensor (min, max) of the input after dividing channel j by `divisor[j]` (> 0).
+    pub fn tensor_range(&self, divisor: Option<&[f32]>) -> (f32, f32) {
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        for j in 0..self.min.len() {
+            let d = divisor.map_or(1.0, |d| d[j]);
+            lo = lo.min(self.min[j] / d);
+            hi = hi.max(self.max[j] / d);
+        }
+        (lo, hi)
+    }
+
+    fn update(&mut self, x: &Tensor) -> candle_core::Result<()> {
+        let k = self.min.len();
+        let rows = x.elem_count() / k;
+        let x = x.to_dtype(DType::F32)?.reshape((rows, k))?;
+        let lo = x.min(0)?.to_vec1::<f32>()?;
+        let hi = x.max(0)?.to_vec1::<f32>()?;
+        for j in 0..k {
+            self.min[j] = self.min[j].min(lo[j]);
+            self.max[j] = self.max[j].max(hi[j]);
+        }
+        Ok(())
+    }
+}
+
+/// Ranges of every linear input of a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    /// Per decoder layer: inputs of [qkv, o_proj, gate_up, down].
+    pub layers: Vec<[ChannelRange; 4]>,
+    /// Tokens the statistics were collected over.
+    pub tokens: usize,
+}
+
+/// Runs the f32 model over `sequences` (token ids, each run as one prefill) and collects the
+/// input range of every decoder linear. Deterministic for given weights and sequences.
+pub fn calibrate(config: &ModelConfig, weights: &Weights, sequences: &[Vec<u32>]) -> Result<Calibration> {
+    let tokens: usize = sequences.iter().map(Vec::len).sum();
+    if sequences.is_empty() || tokens < 16 {
+        return Err(ModelError::InvalidInput(format!(
+            "calibration needs at least 16 tokens of data, got {tokens} in {} sequences",
+            sequences.len()
+        )));
+    }
+    let longest = sequences.iter().map(Vec::len).max().unwrap_or(1);
+    let observer =
+        Observer { inner: CpuBackend::new(DType::F32)?, next_id: AtomicUsize::new(0), ranges: Mutex::new(Vec::new()) };
+    let cache = CacheConfig { max_batch: 1, max_seq_len: longest };
+    let mut model = Transformer::new(observer, config.clone(), weights, cache)?;
+    let progress = indicatif::ProgressBar::new(sequences.len() as u64);
+    progress.set_message("calibrating");
+    for seq in sequences.iter().filter(|s| !s.is_empty()) {
+        model.forward(seq, seq.len(), &[0], &[seq.len()])?;
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    let ranges =
+        model.backend().ranges.lock().map_err(|_| ModelError::InvalidInput("calibration state poisoned".into()))?;
+    let mut layers = Vec::with_capacity(config.num_layers);
+    for l in 0..config.num_layers {
+        let take = |i: usize| {
+            ranges.get(4 * l + i).and_then(|r| r.clone()).ok_or_else(|| {
+                ModelError::InvalidInput(format!("calibration saw no input for linear {i} of layer {l}"))
+            })
+        };
+        layers.push([take(0)?, take(1)?, take(2)?, take(3)?]);
+    }
+    Ok(Calibration { layers, tokens })
+}
+
+/// The CPU backend, recording the per-channel range of every linear input (linears are
+/// numbered in the order the model prepares them).
+struct Observer {
+    inner: CpuBackend,
+    next_id: AtomicUsize,
+    ranges: Mutex<Vec<Option<ChannelRange>>>,
+}
+
+impl Backend for Observer {
+    type Tensor = Tensor;
+    type Linear = (usize, CpuLinear);
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> String {
+        "cpu (calibrating)".into()
+    }
+    fn dtype(&self) -> DType {
+        self.inner.dtype()
+    }
+    fn upload(&self, host: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.upload(host)
+    }
+    fn prepare_linear(&self, weights: LinearWeights<'_>) -> candle_core::Result<Self::Linear> {
+        Ok((self.next_id.fetch_add(1, Ordering::SeqCst), self.inner.prepare_linear(weights)?))
+    }
+    fn new_kv_cache(
+        &self,
+        batch: usize,
+        capacity: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<CpuKvCache> {
+        self.inner.new_kv_cache(batch, capacity, kv_heads, head_dim)
+    }
+    fn gather_rows(&self, table: &Tensor, ids: &[u32], batch: usize, seq: usize) -> candle_core::Result<Tensor> {
+        self.inner.gather_rows(table, ids, batch, seq)
+    }
+    fn linear(&self, x: &Tensor, w: &Self::Linear) -> candle_core::Result<Tensor> {
+        {
+            let mut ranges =
+                self.ranges.lock().map_err(|_| candle_core::Error::Msg("calibration state poisoned".into()))?;
+            if ranges.len() <= w.0 {
+                ranges.resize(w.0 + 1, None);
+            }
+            let k = *x.dims().last().unwrap_or(&0);
+            ranges[w.0].get_or_insert_with(|| ChannelRange::new(k)).update(x)?;
+        }
+        self.inner.linear(x, &w.1)
+    }
+    fn rms_norm(&self, x: &Tensor, gamma: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+        self.inner.rms_norm(x, gamma, eps)
+    }
+    fn add_rms_norm(&self, x: &Tensor, r: &Tensor, g: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
+        self.inner.add_rms_norm(x, r, g, eps)
+    }
+    fn split_qkv(
+        &self,
+        qkv: &Tensor,
+        nq: usize,
+        nkv: usize,
+        d: usize,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        self.inner.split_qkv(qkv, nq, nkv, d)
+    }
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.rope(x, cos, sin)
+    }
+    fn kv_write(&self, c: &mut CpuKvCache, k: &Tensor, v: &Tensor, plan: &StepPlan<'_>) -> candle_core::Result<()> {
+        self.inner.kv_write(c, k, v, plan)
+    }
+    fn attention(&self, q: &Tensor, c: &CpuKvCache, plan: &StepPlan<'_>, scale: f32) -> candle_core::Result<Tensor> {
+        self.inner.attention(q, c, plan, scale)
+    }
+    fn swiglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.swiglu(x)
+    }
+    fn select_positions(&self, x: &Tensor, index: &[usize]) -> candle_core::Result<Tensor> {
+        self.inner.select_positions(x, index)
+    }
+    fn to_host_f32(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.to_host_f32(x)
+    }
+    fn linear_bytes(&self, w: &Self::Linear) -> usize {
+        self.inner.linear_bytes(&w.1)
+    }
+    fn kv_cache_id(&self, c: &CpuKvCache) -> usize {
+        self.inner.kv_cache_id(c)
+    }
+}
