@@ -2,7 +2,7 @@
 //! decode and prefill row counts, ragged K and N, strided input, with and without offset
 //! and bias, on every kernel path this CPU runs; plus the RTN quantizer's error bound.
 
-use candle_ascend_ops::testing::{FLOAT_DTYPES, Rng, Tolerance, assert_close, case_id};
+use candle_ascend_ops::testing::{FLOAT_DTYPES, Rng, Tolerance, assert_close, assert_close_sum, case_id};
 use candle_ascend_ops::weight_quant::KernelPath;
 use candle_ascend_ops::{WeightQuantLinear, rtn_quantize_weight, weight_quant_linear_reference};
 use candle_core::{DType, Result, Tensor};
@@ -38,7 +38,8 @@ fn matches_reference_over_dtypes_shapes_offsets_and_paths() -> Result<()> {
                             assert_eq!(got.dtype(), dtype);
                             let extra = format!("n={n},offset={with_offset},bias={with_bias},path={path:?}");
                             let id = case_id("WEIGHT_QUANT_LINEAR", dtype, &[m, k], &extra);
-                            assert_close(&id, &got, &want, Tolerance::for_dtype(dtype).times(4.0))?;
+                            let terms = abs_terms(&x, &w_q, (n, k), &scale, offset.as_deref())?;
+                            assert_close_sum(&id, &got, &want, &terms, Tolerance::for_dtype(dtype).times(4.0))?;
                         }
                     }
                 }
@@ -65,7 +66,8 @@ fn strided_and_batched_inputs() -> Result<()> {
             let got = layer.forward_with(&x, path)?;
             assert_eq!(got.dims(), &[3, 11, n]);
             let id = case_id("WEIGHT_QUANT_LINEAR", dtype, &[3, 11, k], &format!("strided,path={path:?}"));
-            assert_close(&id, &got, &want, Tolerance::for_dtype(dtype).times(4.0))?;
+            let terms = abs_terms(&x, &w_q, (n, k), &scale, offset.as_deref())?;
+            assert_close_sum(&id, &got, &want, &terms, Tolerance::for_dtype(dtype).times(4.0))?;
         }
     }
     Ok(())
@@ -147,4 +149,12 @@ fn bad_inputs_are_errors() -> Result<()> {
     assert!(rtn_quantize_weight(&nonfinite).is_err());
     assert!(rtn_quantize_weight(&Tensor::zeros(3, DType::F32, &candle_core::Device::Cpu)?).is_err());
     Ok(())
+}
+
+/// `sum_k |x_k| |(w_q + o) s|` per output: the scale of a dot product's rounding error.
+fn abs_terms(x: &Tensor, w_q: &[i8], (n, k): (usize, usize), scale: &[f32], offset: Option<&[f32]>) -> Result<Tensor> {
+    let w: Vec<f32> =
+        (0..n * k).map(|i| ((w_q[i] as f32 + offset.map_or(0.0, |o| o[i / k])) * scale[i / k]).abs()).collect();
+    let w = Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
+    candle_ascend_ops::linear_reference(&x.abs()?, &w, None)
 }

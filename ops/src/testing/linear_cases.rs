@@ -1,6 +1,6 @@
 //! Conformance cases of the linear layer (`y = x W^T + b`).
 
-use super::{FLOAT_DTYPES, OpBackend, Rng, Tolerance, assert_close, case_id};
+use super::{FLOAT_DTYPES, OpBackend, Rng, Tolerance, assert_close_sum, case_id};
 use crate::linear_reference;
 use candle_core::Result;
 
@@ -27,10 +27,12 @@ pub fn linear(b: &dyn OpBackend) -> Result<()> {
                 let got = b.linear(&x, &w, bias.as_ref())?;
                 let want = linear_reference(&x, &w, bias.as_ref())?;
                 let extra = format!("n={n},bias={with_bias}");
-                assert_close(
+                let terms = linear_reference(&x.abs()?, &w.abs()?, None)?;
+                assert_close_sum(
                     &case_id("LINEAR", dtype, &xshape, &extra),
                     &got,
                     &want,
+                    &terms,
                     Tolerance::for_dtype(dtype).times(4.0),
                 )?;
             }
@@ -41,10 +43,11 @@ pub fn linear(b: &dyn OpBackend) -> Result<()> {
         let w = rng.tensor(&[48, 256], -0.5, 0.5, dtype)?;
         let got = b.linear(&x, &w, None)?;
         let want = linear_reference(&x, &w, None)?;
-        assert_close(
+        assert_close_sum(
             &case_id("LINEAR", dtype, &[2, 5, 256], "strided"),
             &got,
             &want,
+            &linear_reference(&x.abs()?, &w.abs()?, None)?,
             Tolerance::for_dtype(dtype).times(4.0),
         )?;
         // A mismatched input width is an error, not a panic.

@@ -125,12 +125,30 @@ impl Tolerance {
 
 /// Compares `got` against `reference`; the error names the case id and the measured error.
 pub fn assert_close(case: &str, got: &Tensor, reference: &Tensor, tol: Tolerance) -> Result<()> {
+    assert_close_scaled(case, got, reference, 0.0, tol)
+}
+
+/// [`assert_close`] for outputs that are sums of products (matmuls): the error is measured
+/// against `max(max|ref|, max|terms|)`, `abs_terms` holding `sum_k |x_k w_k|` per output, so an
+/// output that cancels to near zero is held to the bound its summands allow, not a tighter one.
+pub fn assert_close_sum(
+    case: &str,
+    got: &Tensor,
+    reference: &Tensor,
+    abs_terms: &Tensor,
+    tol: Tolerance,
+) -> Result<()> {
+    let floor = abs_terms.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    assert_close_scaled(case, got, reference, floor, tol)
+}
+
+fn assert_close_scaled(case: &str, got: &Tensor, reference: &Tensor, scale_floor: f32, tol: Tolerance) -> Result<()> {
     if got.dims() != reference.dims() {
         candle_core::bail!("{case}: shape {:?}, reference {:?}", got.dims(), reference.dims());
     }
     let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let reference = reference.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    let scale = reference.iter().fold(scale_floor, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
     let (mut worst, mut at) = (0f32, 0usize);
     for (i, (g, r)) in got.iter().zip(&reference).enumerate() {
         let err = (g - r).abs();
