@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use candle_ascend_models::fetch;
 use candle_ascend_models::loader::load_checkpoint;
-use candle_ascend_models::quant::QuantConfig;
+use candle_ascend_models::quant::{QuantConfig, QuantDtype, calibrate};
 use candle_ascend_models::reference::ReferenceModel;
 use candle_ascend_models::{CacheConfig, CpuBackend, Transformer};
 use candle_core::{DType, Device, Tensor};
@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// Quantize our engine at load with a preset (e.g. w8a16); the reference stays f32.
     #[arg(long, value_name = "PRESET")]
     pub quantize: Option<String>,
+    /// Calibration text for presets with int8 activations (a8w8).
+    #[arg(long, value_name = "FILE")]
+    pub calib: Option<std::path::PathBuf>,
     /// Run a busy process on one core during the measurements (shared-machine behaviour).
     #[arg(long)]
     pub contend: bool,
@@ -127,8 +130,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let max_batch = args.batches.iter().copied().max().unwrap_or(1);
         let cap = CacheConfig { max_batch, max_seq_len: (args.prompt_len + 1).max(64 + args.decode_steps + 1) };
         let quant = args.quantize.as_deref().map(QuantConfig::preset).transpose()?;
-        let mut ours =
-            Transformer::new_quantized(CpuBackend::new(DType::F32)?, cfg.clone(), &ckpt.weights, cap, quant.as_ref())?;
+        let calibration = match (&quant, &args.calib) {
+            (Some(q), Some(file)) if q.activation_dtype == QuantDtype::Int8 => {
+                let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+                let ids = ckpt.tokenizer.encode(&text)?;
+                let chunks: Vec<Vec<u32>> = ids.chunks(512).map(<[u32]>::to_vec).collect();
+                Some(calibrate(&cfg, &ckpt.weights, &chunks)?)
+            }
+            _ => None,
+        };
+        let mut ours = Transformer::new_calibrated(
+            CpuBackend::new(DType::F32)?,
+            cfg.clone(),
+            &ckpt.weights,
+            cap,
+            quant.as_ref(),
+            calibration.as_ref(),
+        )?;
         let mut reference =
             if args.no_reference { None } else { Some(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?) };
         drop(ckpt);
