@@ -217,8 +217,8 @@ mod tests {
                 acc += xq * q.w_q[r * 3 + kk] as i64;
             }
             let y = acc as f32 * q.deq_scale[r];
-            let want: f32 = (0..3).map(|kk| x[kk] * w.get(r)?.to_vec1::<f32>().map(|v| v[kk])).sum::<Result<f32>>()?
-                + b.to_vec1::<f32>()?[r];
+            let row = w.get(r)?.to_vec1::<f32>()?;
+            let want: f32 = (0..3).map(|kk| x[kk] * row[kk]).sum::<f32>() + b.to_vec1::<f32>()?[r];
             assert!((y - want).abs() < 0.03, "row {r}: {y} vs {want}");
         }
         Ok(())
