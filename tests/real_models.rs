@@ -45,6 +45,19 @@ fn w8a16_smollm2_still_knows_the_capital_of_france() {
 }
 
 #[test]
+fn a8w8_smollm2_calibrated_on_the_readme_still_knows_the_capital_of_france() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let options = ModelOptions {
+        quantize: Some(candle_ascend_llm::QuantConfig::preset("a8w8").unwrap()),
+        calibration_text: Some(readme),
+        ..Default::default()
+    };
+    let mut model = Model::load(&known_model("smollm2-135m-instruct"), "cpu", options).unwrap();
+    let answer = model.chat("What is the capital of France?", &SamplingConfig::greedy(24)).unwrap();
+    assert!(answer.contains("Paris"), "A8W8 SmolLM2 answered {answer:?}");
+}
+
+#[test]
 fn real_batch_matches_single_prompts() {
     let path = known_model("smollm2-135m-instruct");
     let questions =
