@@ -138,3 +138,13 @@ fn schemes_needing_calibration_or_bad_layers_are_rejected() {
     let err = build(Some(&bad)).err().expect("float layer 7 of 3 must be rejected");
     assert!(matches!(err, ModelError::UnsupportedConfig(_)), "{err}");
 }
+
+#[test]
+fn an_empty_modules_to_not_convert_quantizes_lm_head_too() {
+    let mut all = QuantConfig::preset("w8a16").unwrap();
+    all.modules_to_not_convert.clear();
+    let everything = build(Some(&all)).unwrap();
+    let default = build(Some(&QuantConfig::preset("w8a16").unwrap())).unwrap();
+    // lm_head (256 x 256) goes from f32 to int8 weights.
+    assert!(everything.weight_bytes_per_token() + 3 * 256 * 256 <= default.weight_bytes_per_token() + 256 * 64);
+}
