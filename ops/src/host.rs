@@ -130,3 +130,35 @@ pub fn rows_layout(layout: &Layout, op: &'static str, name: &str) -> Result<(usi
 pub fn num_threads() -> usize {
     rayon::current_num_threads()
 }
+
+/// Runs a row-wise f32 kernel over `x` `[..., in_features]` (any float dtype, any outer
+/// strides): `kernel(rows, m, out)` gets `m` contiguous f32 rows and fills `m * out_features`
+/// outputs. Returns `[..., out_features]` in `x`'s dtype. The shared front and back of the
+/// linear layers.
+pub fn map_rows_f32(
+    x: &Tensor,
+    in_features: usize,
+    out_features: usize,
+    op: &'static str,
+    kernel: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let Some((&k, outer)) = dims.split_last() else {
+        bail!("{op}: input must have at least one dimension");
+    };
+    if k != in_features {
+        bail!("{op}: input has {k} features, weight expects {in_features}");
+    }
+    let m: usize = outer.iter().product();
+    let mut out_shape = outer.to_vec();
+    out_shape.push(out_features);
+    let x32 = if x.dtype() == DType::F32 { x.contiguous()? } else { x.to_dtype(DType::F32)?.contiguous()? };
+    let mut y = vec![0f32; m * out_features];
+    with_slice::<f32, _>(&x32, op, |data, layout| {
+        let start = layout.start_offset();
+        kernel(&data[start..start + m * k], m, &mut y);
+        Ok(())
+    })?;
+    let y = Tensor::from_vec(y, out_shape, &candle_core::Device::Cpu)?;
+    if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
+}

@@ -15,7 +15,7 @@ mod reference;
 
 pub use reference::linear_reference;
 
-use crate::host::{Element, with_slice};
+use crate::host::{Element, map_rows_f32, with_slice};
 use candle_core::{DType, Result, Tensor, bail};
 
 /// Output channels per packed panel (two AVX-512 registers of f32).
@@ -88,25 +88,9 @@ impl PackedLinear {
 
     /// `y = x W^T + b`; `x` is `[..., K]`, `y` is `[..., N]` in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let Some((&k, outer)) = dims.split_last() else {
-            bail!("linear: input must have at least one dimension");
-        };
-        if k != self.in_features {
-            bail!("linear: input has {k} features, weight expects {}", self.in_features);
-        }
-        let m: usize = outer.iter().product();
-        let mut out_shape = outer.to_vec();
-        out_shape.push(self.out_features);
-        let x32 = if x.dtype() == DType::F32 { x.contiguous()? } else { x.to_dtype(DType::F32)?.contiguous()? };
-        let mut y = vec![0f32; m * self.out_features];
-        with_slice::<f32, _>(&x32, "linear", |data, layout| {
-            let start = layout.start_offset();
-            cpu::gemm(&data[start..start + m * k], m, k, &self.panels, self.out_features, self.bias.as_deref(), &mut y);
-            Ok(())
-        })?;
-        let y = Tensor::from_vec(y, out_shape, &candle_core::Device::Cpu)?;
-        if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
+        map_rows_f32(x, self.in_features, self.out_features, "linear", |rows, m, y| {
+            cpu::gemm(rows, m, self.in_features, &self.panels, self.out_features, self.bias.as_deref(), y)
+        })
     }
 
     /// Like [`forward`](Self::forward) but writes f32 rows into `out` (`m * N` values):

@@ -21,7 +21,7 @@ mod reference;
 
 pub use reference::weight_quant_linear_reference;
 
-use crate::host::with_slice;
+use crate::host::map_rows_f32;
 use candle_core::{DType, Result, Tensor, bail};
 
 /// Output channels per packed panel (two AVX-512 registers of f32 after widening).
@@ -167,25 +167,9 @@ impl WeightQuantLinear {
         if path == KernelPath::Avx512 && !cpu::has_avx512() {
             bail!("weight_quant_linear: this CPU has no AVX-512F");
         }
-        let dims = x.dims();
-        let Some((&k, outer)) = dims.split_last() else {
-            bail!("weight_quant_linear: input must have at least one dimension");
-        };
-        if k != self.in_features {
-            bail!("weight_quant_linear: input has {k} features, weight expects {}", self.in_features);
-        }
-        let m: usize = outer.iter().product();
-        let mut out_shape = outer.to_vec();
-        out_shape.push(self.out_features);
-        let x32 = if x.dtype() == DType::F32 { x.contiguous()? } else { x.to_dtype(DType::F32)?.contiguous()? };
-        let mut y = vec![0f32; m * self.out_features];
-        with_slice::<f32, _>(&x32, "weight_quant_linear", |data, layout| {
-            let start = layout.start_offset();
-            self.run(&data[start..start + m * k], m, &mut y, path);
-            Ok(())
-        })?;
-        let y = Tensor::from_vec(y, out_shape, &candle_core::Device::Cpu)?;
-        if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
+        map_rows_f32(x, self.in_features, self.out_features, "weight_quant_linear", |rows, m, y| {
+            self.run(rows, m, y, path)
+        })
     }
 
     /// Writes f32 rows `x` (`m * K` values) into `out` (`m * N` values) without allocating
