@@ -119,3 +119,21 @@ fn sampling_is_reproducible_for_a_seed() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn logits_of_every_position_match_step_by_step_decoding() {
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let ids = common::random_prompt(300, 9, 41);
+        let mut all = model(arch, 1, 32, DType::F32);
+        let every = all.forward_all(&ids, ids.len(), &[0], &[ids.len()]).unwrap();
+        assert_eq!(every.dims(), &[1, 9, 300]);
+        let mut stepwise = model(arch, 1, 32, DType::F32);
+        for (i, &id) in ids.iter().enumerate() {
+            let one = stepwise.forward(&[id], 1, &[i], &[1]).unwrap().flatten_all().unwrap();
+            let row = every.get(0).unwrap().get(i).unwrap();
+            let diff = (row - &one).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let scale = one.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-4 * scale.max(1.0), "{arch:?} position {i}: max diff {diff} (scale {scale})");
+        }
+    }
+}

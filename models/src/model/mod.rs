@@ -235,6 +235,42 @@ impl<B: Backend> Transformer<B> {
     /// positions must already be in the cache. Prefill is `start = 0`; decode is `seq_len = 1`
     /// with `start[b]` the number of tokens the sequence already holds.
     pub fn forward(&mut self, ids: &[u32], seq_len: usize, start: &[usize], lens: &[usize]) -> Result<Tensor> {
+        let (hidden, residual) = self.run_layers(ids, seq_len, start, lens)?;
+        let be = &self.backend;
+        // Only the last real position of each sequence reaches the final norm and lm_head.
+        let last: Vec<usize> = lens.iter().map(|&l| l - 1).collect();
+        let hidden = be.select_positions(&hidden, &last)?;
+        let residual = be.select_positions(&residual, &last)?;
+        self.logits(&hidden, &residual, start.len(), 1)
+    }
+
+    /// Like [`forward`](Self::forward) but returns the logits of every position,
+    /// `[batch, seq_len, vocab]` (perplexity and agreement measurements); rows past `lens[b]`
+    /// are padding and hold unspecified values.
+    pub fn forward_all(&mut self, ids: &[u32], seq_len: usize, start: &[usize], lens: &[usize]) -> Result<Tensor> {
+        let (hidden, residual) = self.run_layers(ids, seq_len, start, lens)?;
+        self.logits(&hidden, &residual, start.len(), seq_len)
+    }
+
+    /// Final norm and lm_head over `[batch, seq, H]`, to host f32 `[batch, vocab]` (seq = 1) or
+    /// `[batch, seq, vocab]`.
+    fn logits(&self, hidden: &B::Tensor, residual: &B::Tensor, batch: usize, seq: usize) -> Result<Tensor> {
+        let be = &self.backend;
+        let (normed, _) = be.add_rms_norm(hidden, residual, &self.final_norm, self.config.rms_norm_eps)?;
+        let logits = be.to_host_f32(&be.linear(&normed, &self.lm_head)?)?;
+        let vocab = self.config.vocab_size;
+        Ok(if seq == 1 { logits.reshape((batch, vocab))? } else { logits.reshape((batch, seq, vocab))? })
+    }
+
+    /// Embedding and every decoder layer; returns the last layer's MLP output and the residual
+    /// stream `[batch, seq_len, H]` (their sum is the final hidden state).
+    fn run_layers(
+        &mut self,
+        ids: &[u32],
+        seq_len: usize,
+        start: &[usize],
+        lens: &[usize],
+    ) -> Result<(B::Tensor, B::Tensor)> {
         let batch = start.len();
         let plan = StepPlan { batch, seq_len, start, lens };
         self.check_step(ids, &plan)?;
@@ -280,13 +316,7 @@ impl<B: Backend> Transformer<B> {
                 hidden = mlp_out;
             }
         }
-        // Only the last real position of each sequence reaches the final norm and lm_head.
-        let last: Vec<usize> = lens.iter().map(|&l| l - 1).collect();
-        let hidden = be.select_positions(&hidden, &last)?;
-        let residual = be.select_positions(&residual, &last)?;
-        let (normed, _) = be.add_rms_norm(&hidden, &residual, &self.final_norm, eps)?;
-        let logits = be.linear(&normed, &self.lm_head)?;
-        Ok(be.to_host_f32(&logits)?.reshape((batch, c.vocab_size))?)
+        Ok((hidden, residual))
     }
 
     fn check_step(&self, ids: &[u32], plan: &StepPlan<'_>) -> Result<()> {
