@@ -7,12 +7,14 @@
 //! - [`fetch`]: models from package registries, verified and cached;
 //! - [`loader`]: HF folders and GGUF files to host weights and a tokenizer;
 //! - [`chat`]: chat-template formatting;
-//! - [`quant`]: the quantization configuration (A8W8C8, A8W8, W8A16, C8).
+//! - [`quant`]: the quantization configuration (A8W8C8, A8W8, W8A16, C8);
+//! - [`eval`]: accuracy tooling (MMLU splits and scoring, perplexity and top-1 agreement).
 
 pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod loader;

@@ -1,4 +1,4 @@
-//! `cargo xtask fetch-models [--cache DIR] [--model NAME ...] [--list]`
+//! `cargo xtask fetch-models [NAME ...] [--cache DIR] [--model NAME ...] [--list]`
 
 use anyhow::{Context, bail};
 use candle_ascend_models::fetch::{self, FetchOptions};
@@ -10,9 +10,12 @@ pub struct FetchArgs {
     /// Cache folder (default: $CANDLE_ASCEND_CACHE, $XDG_CACHE_HOME/candle-ascend or ~/.cache/candle-ascend).
     #[arg(long, value_name = "DIR")]
     cache: Option<PathBuf>,
-    /// Known model to fetch (repeatable); all known models when absent.
+    /// Known model to fetch (repeatable); all known models when neither this nor NAME is given.
     #[arg(long = "model", value_name = "NAME")]
     models: Vec<String>,
+    /// Known models to fetch, as positional arguments (same as --model).
+    #[arg(value_name = "NAME")]
+    names: Vec<String>,
     /// List the known models and exit.
     #[arg(long)]
     list: bool,
@@ -28,11 +31,12 @@ pub fn run(args: FetchArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let selected = if args.models.is_empty() {
+    let requested: Vec<&String> = args.models.iter().chain(&args.names).collect();
+    let selected = if requested.is_empty() {
         fetch::known_models().iter().collect::<Vec<_>>()
     } else {
         let mut out = Vec::new();
-        for name in &args.models {
+        for name in requested {
             match fetch::find_known(name) {
                 Some(artifact) => out.push(artifact),
                 None => {
