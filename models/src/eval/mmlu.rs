@@ -138,7 +138,11 @@ impl Subject {
             )));
         }
         self.items.get(..k).ok_or_else(|| {
-            ModelError::InvalidInput(format!("subject {} has {} items, fewer than {k} exemplars", self.name, self.items.len()))
+            ModelError::InvalidInput(format!(
+                "subject {} has {} items, fewer than {k} exemplars",
+                self.name,
+                self.items.len()
+            ))
         })
     }
 

@@ -110,10 +110,7 @@ fn plan<'a, B: Backend>(model: &Transformer<B>, ids: &'a [u32], window: usize) -
     }
     let out = windows(ids, window)?;
     if out.is_empty() {
-        return Err(ModelError::InvalidInput(format!(
-            "perplexity needs at least 2 tokens of text, got {}",
-            ids.len()
-        )));
+        return Err(ModelError::InvalidInput(format!("perplexity needs at least 2 tokens of text, got {}", ids.len())));
     }
     Ok(out)
 }
