@@ -11,7 +11,9 @@
 //! | `rope` | [`rope`] |
 //! | `swiglu` | [`swiglu`] |
 //! | `kv_write` | [`kv_cache`] |
+//! | `Int8KvCache`, `KvQuantParams`, `kv_write_int8` (int8 KV cache, C8) | [`kv_cache`] |
 //! | `prompt_attention`, `decode_attention` | [`attention`] |
+//! | `prompt_attention_int8`, `decode_attention_int8` (over int8 KV caches) | [`attention`] |
 //! | `PackedLinear` (y = x W^T + b) | [`linear`] |
 //! | `quantize`, `QuantLinear` (int8 A8W8) | [`quant`] |
 //! | `WeightQuantLinear` (W8A16: y = x ((W_q + o) s)^T + b) | [`weight_quant`] |
@@ -28,8 +30,11 @@ pub mod swiglu;
 pub mod testing;
 pub mod weight_quant;
 
-pub use attention::{decode_attention, decode_attention_reference, prompt_attention, prompt_attention_reference};
-pub use kv_cache::{kv_write, kv_write_reference};
+pub use attention::{
+    decode_attention, decode_attention_int8, decode_attention_int8_reference, decode_attention_reference,
+    prompt_attention, prompt_attention_int8, prompt_attention_int8_reference, prompt_attention_reference,
+};
+pub use kv_cache::{Int8KvCache, KvQuantParams, kv_write, kv_write_int8, kv_write_int8_reference, kv_write_reference};
 pub use linear::{PackedLinear, linear_reference};
 pub use norm::{add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference};
 pub use quant::{Int8Matrix, QuantKernel, QuantLinear, quant_matmul_reference, quantize, quantize_reference};

@@ -50,6 +50,16 @@ impl Lanes for bf16 {
     }
 }
 
+impl Lanes for i8 {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable i8 (16 bytes) at `p`; sign extension to
+        // i32 and the conversion to f32 are exact.
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast::<__m128i>()))) }
+    }
+}
+
 /// Proof that the running CPU supports AVX-512F: only [`Avx512::detect`] creates one.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx512 {

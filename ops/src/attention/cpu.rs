@@ -21,7 +21,8 @@ use rayon::prelude::*;
 
 use super::AttentionDims;
 use super::kernels::{Isa, Kernels, KvElement, Portable};
-use crate::host::{num_threads, rows_layout, tensor_from_vec, with_slice};
+use crate::host::{Element, num_threads, rows_layout, tensor_from_vec, with_slice};
+use crate::kv_cache::Int8KvCache;
 
 /// Keys per block: a transposed K block and a V block of 64 x 64 f32 fit in L1 together.
 const KEY_BLOCK: usize = 64;
@@ -56,35 +57,79 @@ impl View4 {
     }
 }
 
-/// Storage slices and views of one call.
-struct Inputs<'a, T> {
+/// Per-channel parameters of int8 caches (`Nkv * D` each, channel `g * D + t`), applied
+/// outside the micro-kernels, which see the raw int8 values:
+///
+/// - keys: `q . k = sum_t (q_t k_scale_t) k_q,t + sum_t q_t k_scale_t k_offset_t`; the second
+///   term is the same for every key of a query row, so it cancels in the softmax. The query is
+///   pre-scaled by `k_scale` and the scores are taken on the raw keys (no key offset needed).
+/// - values: the probabilities sum to `l`, so `sum_j p_j (v_q,j + o) s / l = (acc / l + o) s`
+///   with `acc = sum_j p_j v_q,j`: the offset and scale are applied once, at the end.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct KvDequant<'a> {
+    pub k_scale: &'a [f32],
+    pub v_scale: &'a [f32],
+    pub v_offset: &'a [f32],
+}
+
+/// Storage slices and views of one call: q and the output in `T`, the caches in `KV`.
+struct Inputs<'a, T, KV> {
     q: &'a [T],
     q_view: View4,
-    k: &'a [T],
+    k: &'a [KV],
     k_view: View4,
-    v: &'a [T],
+    v: &'a [KV],
     v_view: View4,
     dims: AttentionDims,
     scale: f32,
+    /// `Some` for int8 caches.
+    dequant: Option<KvDequant<'a>>,
 }
 
-impl<T: KvElement> Inputs<'_, T> {
-    /// Query rows of heads `head0 .. head0 + n` at (b, i), scaled, into `dst` (`n * D`).
+impl<T: Element + KvElement, KV: KvElement> Inputs<'_, T, KV> {
+    /// Query rows of heads `head0 .. head0 + n` (all of one kv group) at (b, i), times `scale`
+    /// (and the key scales of int8 caches), into `dst` (`n * D`).
     fn load_scaled_q<K: Kernels>(&self, kern: K, b: usize, i: usize, head0: usize, dst: &mut [f32]) {
         let d = self.dims.head_dim;
         let src = &self.q[self.q_view.row(b, i, head0)..];
         T::load_f32(kern, src, self.q_view.stride[2], dst.len() / d, d, dst);
-        dst.iter_mut().for_each(|x| *x *= self.scale);
+        match self.dequant {
+            None => dst.iter_mut().for_each(|x| *x *= self.scale),
+            Some(dq) => {
+                let g = head0 / self.dims.group();
+                let k_scale = &dq.k_scale[g * d..(g + 1) * d];
+                for row in dst.chunks_exact_mut(d) {
+                    for (x, &ks) in row.iter_mut().zip(k_scale) {
+                        *x *= self.scale * ks;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `dst[t] = acc[t] * inv` for a row of kv head `g` (`(acc[t] * inv + o) * s` with the
+    /// value parameters of int8 caches), stored as `T`.
+    fn store_row(&self, g: usize, acc: &[f32], inv: f32, dst: &mut [T]) {
+        match self.dequant {
+            None => dst.iter_mut().zip(acc).for_each(|(o, &a)| *o = T::from_f32(a * inv)),
+            Some(dq) => {
+                let d = self.dims.head_dim;
+                let (s, off) = (&dq.v_scale[g * d..(g + 1) * d], &dq.v_offset[g * d..(g + 1) * d]);
+                for (((o, &a), &s), &off) in dst.iter_mut().zip(acc).zip(s).zip(off) {
+                    *o = T::from_f32((a * inv + off) * s);
+                }
+            }
+        }
     }
 }
 
 /// Runs `f` with the typed storage slices and row views of q, k and v.
-fn with_inputs<T: KvElement, R>(
+fn with_inputs<T: Element + KvElement, R>(
     op: &'static str,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     dims: &AttentionDims,
     scale: f32,
-    f: impl FnOnce(&Inputs<'_, T>) -> Result<R>,
+    f: impl FnOnce(&Inputs<'_, T, T>) -> Result<R>,
 ) -> Result<R> {
     with_slice::<T, _>(q, op, |qs, ql| {
         with_slice::<T, _>(k, op, |ks, kl| {
@@ -98,6 +143,7 @@ fn with_inputs<T: KvElement, R>(
                     v_view: View4::new(vl, op, "v_cache")?,
                     dims: *dims,
                     scale,
+                    dequant: None,
                 };
                 f(&inputs)
             })
@@ -123,14 +169,93 @@ pub(super) fn prompt_attention(
     }
     crate::dispatch_float!(dims.dtype, OP, T => {
         with_inputs::<T, _>(OP, (q, k, v), dims, scale, |inputs| {
-            let out = match isa {
-                Isa::Portable => prompt_run(Portable, inputs, q_start, q_lens),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512(simd) => prompt_run(simd, inputs, q_start, q_lens),
-            };
-            tensor_from_vec(out, &shape)
+            tensor_from_vec(prompt_isa(isa, inputs, q_start, q_lens), &shape)
         })
     })
+}
+
+/// [`prompt_attention`] over int8 caches (`dims.batch` may be below the caches' batch).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn prompt_attention_int8(
+    isa: Isa,
+    q: &Tensor,
+    k: &Int8KvCache,
+    v: &Int8KvCache,
+    q_start: &[usize],
+    q_lens: &[usize],
+    scale: f32,
+    dims: &AttentionDims,
+) -> Result<Tensor> {
+    const OP: &str = "prompt_attention_int8";
+    let shape = [dims.batch, dims.q_rows, dims.heads, dims.head_dim];
+    if shape.contains(&0) {
+        return Tensor::zeros(&shape, dims.dtype, &Device::Cpu);
+    }
+    crate::dispatch_float!(dims.dtype, OP, T => {
+        with_int8_inputs::<T, _>(OP, q, (k, v), dims, scale, |inputs| {
+            tensor_from_vec(prompt_isa(isa, inputs, q_start, q_lens), &shape)
+        })
+    })
+}
+
+/// Runs `f` with q's typed storage and the int8 caches' storage, views and parameters.
+fn with_int8_inputs<T: Element + KvElement, R>(
+    op: &'static str,
+    q: &Tensor,
+    (k, v): (&Int8KvCache, &Int8KvCache),
+    dims: &AttentionDims,
+    scale: f32,
+    f: impl FnOnce(&Inputs<'_, T, i8>) -> Result<R>,
+) -> Result<R> {
+    // The caches are contiguous `[B, T, Nkv, D]` by construction.
+    let view = |c: &Int8KvCache| {
+        let (_, t, n, d) = c.dims();
+        View4 { offset: 0, stride: [t * n * d, n * d, d] }
+    };
+    with_slice::<T, _>(q, op, |qs, ql| {
+        let inputs = Inputs {
+            q: qs,
+            q_view: View4::new(ql, op, "q")?,
+            k: k.data(),
+            k_view: view(k),
+            v: v.data(),
+            v_view: view(v),
+            dims: *dims,
+            scale,
+            dequant: Some(KvDequant {
+                k_scale: &k.params().scale,
+                v_scale: &v.params().scale,
+                v_offset: &v.params().offset,
+            }),
+        };
+        f(&inputs)
+    })
+}
+
+fn prompt_isa<T: Element + KvElement, KV: KvElement>(
+    isa: Isa,
+    inputs: &Inputs<'_, T, KV>,
+    q_start: &[usize],
+    q_lens: &[usize],
+) -> Vec<T> {
+    match isa {
+        Isa::Portable => prompt_run(Portable, inputs, q_start, q_lens),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512(simd) => prompt_run(simd, inputs, q_start, q_lens),
+    }
+}
+
+fn decode_isa<T: Element + KvElement, KV: KvElement>(
+    isa: Isa,
+    inputs: &Inputs<'_, T, KV>,
+    kv_lens: &[usize],
+    plan: DecodePlan,
+) -> Vec<T> {
+    match isa {
+        Isa::Portable => decode_run(Portable, inputs, kv_lens, plan),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512(simd) => decode_run(simd, inputs, kv_lens, plan),
+    }
 }
 
 /// The keys and values of one (sequence, kv head) as f32 tiles.
@@ -150,14 +275,20 @@ impl PackedKv {
     }
 }
 
-fn pack_kv<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, b: usize, g: usize, n: usize) -> PackedKv {
+fn pack_kv<T: Element + KvElement, KV: KvElement, K: Kernels>(
+    kern: K,
+    inp: &Inputs<'_, T, KV>,
+    b: usize,
+    g: usize,
+    n: usize,
+) -> PackedKv {
     let d = inp.dims.head_dim;
     let mut kt = vec![0f32; d * n.next_multiple_of(KEY_BLOCK)];
     // 16 keys at a time so the transposed stores are 16 contiguous floats.
     let mut rows = vec![0f32; 16 * d];
     for j0 in (0..n).step_by(16) {
         let cnt = (n - j0).min(16);
-        T::load_f32(kern, &inp.k[inp.k_view.row(b, j0, g)..], inp.k_view.stride[1], cnt, d, &mut rows);
+        KV::load_f32(kern, &inp.k[inp.k_view.row(b, j0, g)..], inp.k_view.stride[1], cnt, d, &mut rows);
         let tile = &mut kt[(j0 / KEY_BLOCK) * KEY_BLOCK * d..][..KEY_BLOCK * d];
         let col = j0 % KEY_BLOCK;
         for t in 0..d {
@@ -168,7 +299,7 @@ fn pack_kv<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, b: usize, g: 
     }
     let mut v = vec![0f32; n * d];
     if n > 0 {
-        T::load_f32(kern, &inp.v[inp.v_view.row(b, 0, g)..], inp.v_view.stride[1], n, d, &mut v);
+        KV::load_f32(kern, &inp.v[inp.v_view.row(b, 0, g)..], inp.v_view.stride[1], n, d, &mut v);
     }
     PackedKv { kt, v }
 }
@@ -183,7 +314,12 @@ struct PromptTask {
     i1: usize,
 }
 
-fn prompt_run<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, q_start: &[usize], q_lens: &[usize]) -> Vec<T> {
+fn prompt_run<T: Element + KvElement, KV: KvElement, K: Kernels>(
+    kern: K,
+    inp: &Inputs<'_, T, KV>,
+    q_start: &[usize],
+    q_lens: &[usize],
+) -> Vec<T> {
     let AttentionDims { batch, q_rows, heads, kv_heads, head_dim: d, .. } = inp.dims;
     let group = heads / kv_heads;
 
@@ -231,9 +367,9 @@ fn prompt_run<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, q_start: &
     out
 }
 
-fn prompt_task<T: KvElement, K: Kernels>(
+fn prompt_task<T: Element + KvElement, KV: KvElement, K: Kernels>(
     kern: K,
-    inp: &Inputs<'_, T>,
+    inp: &Inputs<'_, T, KV>,
     packed: &PackedKv,
     start: usize,
     task: &PromptTask,
@@ -279,10 +415,7 @@ fn prompt_task<T: KvElement, K: Kernels>(
     for (qi, dst) in out_rows.iter_mut().enumerate() {
         for hh in 0..group {
             let r = qi * group + hh;
-            let inv = 1.0 / l[r];
-            for (o, &a) in dst[hh * d..(hh + 1) * d].iter_mut().zip(&acc[r * d..(r + 1) * d]) {
-                *o = T::from_f32(a * inv);
-            }
+            inp.store_row(task.g, &acc[r * d..(r + 1) * d], 1.0 / l[r], &mut dst[hh * d..(hh + 1) * d]);
         }
     }
 }
@@ -307,12 +440,32 @@ pub(super) fn decode_attention(
     let plan = plan.unwrap_or_else(|| decode_plan(kv_lens, dims, num_threads()));
     crate::dispatch_float!(dims.dtype, OP, T => {
         with_inputs::<T, _>(OP, (q, k, v), dims, scale, |inputs| {
-            let out = match isa {
-                Isa::Portable => decode_run(Portable, inputs, kv_lens, plan),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512(simd) => decode_run(simd, inputs, kv_lens, plan),
-            };
-            tensor_from_vec(out, &shape)
+            tensor_from_vec(decode_isa(isa, inputs, kv_lens, plan), &shape)
+        })
+    })
+}
+
+/// [`decode_attention`] over int8 caches (`dims.batch` may be below the caches' batch).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn decode_attention_int8(
+    isa: Isa,
+    q: &Tensor,
+    k: &Int8KvCache,
+    v: &Int8KvCache,
+    kv_lens: &[usize],
+    scale: f32,
+    dims: &AttentionDims,
+    plan: Option<DecodePlan>,
+) -> Result<Tensor> {
+    const OP: &str = "decode_attention_int8";
+    let shape = [dims.batch, 1, dims.heads, dims.head_dim];
+    if shape.contains(&0) {
+        return Tensor::zeros(&shape, dims.dtype, &Device::Cpu);
+    }
+    let plan = plan.unwrap_or_else(|| decode_plan(kv_lens, dims, num_threads()));
+    crate::dispatch_float!(dims.dtype, OP, T => {
+        with_int8_inputs::<T, _>(OP, q, (k, v), dims, scale, |inputs| {
+            tensor_from_vec(decode_isa(isa, inputs, kv_lens, plan), &shape)
         })
     })
 }
@@ -347,7 +500,12 @@ struct DecodeTask {
     c1: usize,
 }
 
-fn decode_run<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, kv_lens: &[usize], plan: DecodePlan) -> Vec<T> {
+fn decode_run<T: Element + KvElement, KV: KvElement, K: Kernels>(
+    kern: K,
+    inp: &Inputs<'_, T, KV>,
+    kv_lens: &[usize],
+    plan: DecodePlan,
+) -> Vec<T> {
     let AttentionDims { batch, heads, kv_heads, head_dim: d, .. } = inp.dims;
     let group = heads / kv_heads;
     let mut first_task = Vec::with_capacity(batch * kv_heads + 1);
@@ -388,16 +546,18 @@ fn decode_run<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, kv_lens: &
                     *o += w * a;
                 }
             }
-            let inv = 1.0 / sum;
-            for (o, &a) in dst[h * d..(h + 1) * d].iter_mut().zip(&merged) {
-                *o = T::from_f32(a * inv);
-            }
+            inp.store_row(bg % kv_heads, &merged, 1.0 / sum, &mut dst[h * d..(h + 1) * d]);
         }
     }
     out
 }
 
-fn decode_task<T: KvElement, K: Kernels>(kern: K, inp: &Inputs<'_, T>, task: &DecodeTask, part: &mut [f32]) {
+fn decode_task<T: Element + KvElement, KV: KvElement, K: Kernels>(
+    kern: K,
+    inp: &Inputs<'_, T, KV>,
+    task: &DecodeTask,
+    part: &mut [f32],
+) {
     let d = inp.dims.head_dim;
     let group = inp.dims.heads / inp.dims.kv_heads;
     let (acc, stats) = part.split_at_mut(group * d);

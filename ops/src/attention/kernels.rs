@@ -11,8 +11,6 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use crate::host::Element;
-
 #[cfg(target_arch = "x86_64")]
 pub(crate) use super::avx512::Lanes as SimdLoad;
 
@@ -25,15 +23,27 @@ impl SimdLoad for f32 {}
 impl SimdLoad for f16 {}
 #[cfg(not(target_arch = "x86_64"))]
 impl SimdLoad for bf16 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl SimdLoad for i8 {}
 
 /// Storage elements of q, k and v: the kernels read them directly ([`SimdLoad`]), widen
-/// blocks of rows to f32 with [`KvElement::load_f32`], and read f32 storage in place.
-pub(crate) trait KvElement: Element + SimdLoad {
+/// blocks of rows to f32 with [`KvElement::load_f32`], and read f32 storage in place. Besides
+/// the float dtypes, `i8` is one: the raw values of an int8 KV cache, widened exactly (the
+/// drivers apply the per-channel scale and offset outside the micro-kernels).
+pub(crate) trait KvElement: Copy + Send + Sync + SimdLoad + 'static {
+    /// The value as f32.
+    fn widen(self) -> f32;
+
     /// `dst[r*width + t] = f32(src[r*ld + t])` for `r < rows`, `t < width`.
     fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]);
 }
 
 impl KvElement for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
     fn load_f32<K: Kernels>(_: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
         for (r, row) in dst.chunks_exact_mut(width).take(rows).enumerate() {
             row.copy_from_slice(&src[r * ld..r * ld + width]);
@@ -42,14 +52,40 @@ impl KvElement for f32 {
 }
 
 impl KvElement for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+
     fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
         kern.widen_f16(src, ld, rows, width, dst);
     }
 }
 
 impl KvElement for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+
     fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
         kern.widen_bf16(src, ld, rows, width, dst);
+    }
+}
+
+impl KvElement for i8 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from(self)
+    }
+
+    /// Plain loop: only prefill packs int8 rows, once per (sequence, kv head).
+    fn load_f32<K: Kernels>(_: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        for (r, row) in dst.chunks_exact_mut(width).take(rows).enumerate() {
+            for (o, &x) in row.iter_mut().zip(&src[r * ld..r * ld + width]) {
+                *o = f32::from(x);
+            }
+        }
     }
 }
 
@@ -241,7 +277,7 @@ impl Kernels for Portable {
             acc_row.iter_mut().for_each(|a| *a *= corr[r]);
             for (j, &pj) in p[r * ldp..r * ldp + nkeys].iter().enumerate() {
                 for (a, &x) in acc_row.iter_mut().zip(&v[j * ldv..j * ldv + d]) {
-                    *a += pj * x.to_f32();
+                    *a += pj * x.widen();
                 }
             }
         }
@@ -269,15 +305,15 @@ fn softmax_row(s: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32 {
 }
 
 /// Dot product with 8 independent partial sums (vectorizable without reassociation flags).
-fn dot_portable<E: Element>(a: &[f32], b: &[E]) -> f32 {
+fn dot_portable<E: KvElement>(a: &[f32], b: &[E]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, a_rest) = a.as_chunks::<8>();
     let (b8, b_rest) = b.as_chunks::<8>();
     for (x, y) in a8.iter().zip(b8) {
         for i in 0..8 {
-            lanes[i] += x[i] * y[i].to_f32();
+            lanes[i] += x[i] * y[i].widen();
         }
     }
-    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y.to_f32()).sum();
+    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y.widen()).sum();
     lanes.iter().sum::<f32>() + tail
 }

@@ -16,16 +16,24 @@
 //! Files: `reference.rs` is the f32 oracle built from plain candle ops; `cpu.rs` holds the
 //! drivers (tiling, threading, dtype handling); `kernels.rs` the micro-kernel trait, the ISA
 //! selection and the portable kernels; `avx512.rs` the AVX-512 kernels (selected at run
-//! time); `tests.rs` kernel-level tests of every ISA.
+//! time); `tests.rs` kernel-level tests of every ISA. `int8.rs` holds the variants over int8
+//! KV caches ([`prompt_attention_int8`], [`decode_attention_int8`]), which run the same
+//! drivers and micro-kernels on the raw int8 values (tested in `int8_tests.rs`).
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod cpu;
+mod int8;
+#[cfg(test)]
+mod int8_tests;
 mod kernels;
 mod reference;
 #[cfg(test)]
 mod tests;
 
+pub use int8::{
+    decode_attention_int8, decode_attention_int8_reference, prompt_attention_int8, prompt_attention_int8_reference,
+};
 pub use reference::{decode_attention_reference, prompt_attention_reference};
 
 use candle_core::{DType, Result, Tensor, bail};
@@ -108,27 +116,39 @@ impl AttentionDims {
 
 fn validate_common(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<AttentionDims> {
     let dtype = q.dtype();
-    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(candle_core::Error::UnsupportedDTypeForOp(dtype, op));
-    }
     if k.dtype() != dtype || v.dtype() != dtype {
         bail!("{op}: q, k_cache and v_cache must share one dtype, got {dtype:?}, {:?}, {:?}", k.dtype(), v.dtype());
     }
-    let &[batch, q_rows, heads, head_dim] = q.dims() else {
-        bail!("{op}: q must be [B, S, Nq, D], got shape {:?}", q.dims());
-    };
     let &[k_batch, capacity, kv_heads, k_dim] = k.dims() else {
         bail!("{op}: k_cache must be [B, T, Nkv, D], got shape {:?}", k.dims());
     };
     if v.dims() != k.dims() {
         bail!("{op}: v_cache shape {:?} differs from k_cache shape {:?}", v.dims(), k.dims());
     }
-    if k_batch != batch || k_dim != head_dim {
-        bail!(
-            "{op}: k_cache [B, T, Nkv, D] = {:?} does not match q [B, S, Nq, D] = {:?} in B or D",
-            k.dims(),
-            q.dims()
-        );
+    attention_dims(op, q, [k_batch, capacity, kv_heads, k_dim], false, scale)
+}
+
+/// Checks q (dtype, shape) against cache dims `[B, T, Nkv, D]` and the scale. With
+/// `batch_prefix` q may cover only the first `B' <= B` sequences of the caches.
+pub(crate) fn attention_dims(
+    op: &'static str,
+    q: &Tensor,
+    kv: [usize; 4],
+    batch_prefix: bool,
+    scale: f32,
+) -> Result<AttentionDims> {
+    let dtype = q.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(candle_core::Error::UnsupportedDTypeForOp(dtype, op));
+    }
+    let &[batch, q_rows, heads, head_dim] = q.dims() else {
+        bail!("{op}: q must be [B, S, Nq, D], got shape {:?}", q.dims());
+    };
+    let [k_batch, capacity, kv_heads, k_dim] = kv;
+    let batch_ok = if batch_prefix { batch <= k_batch } else { batch == k_batch };
+    if !batch_ok || k_dim != head_dim {
+        let rule = if batch_prefix { "B' <= B" } else { "B" };
+        bail!("{op}: k_cache [B, T, Nkv, D] = {kv:?} does not match q [B', S, Nq, D] = {:?} ({rule}, D)", q.dims());
     }
     if kv_heads == 0 || heads % kv_heads != 0 {
         bail!("{op}: the query head count {heads} must be a positive multiple of the kv head count {kv_heads}");
@@ -149,6 +169,17 @@ pub(crate) fn validate_prompt(
     scale: f32,
 ) -> Result<AttentionDims> {
     let dims = validate_common(op, q, k, v, scale)?;
+    check_prompt_lengths(op, &dims, q_start, q_lens)?;
+    Ok(dims)
+}
+
+/// The `q_start` / `q_lens` rules of [`prompt_attention`].
+pub(crate) fn check_prompt_lengths(
+    op: &'static str,
+    dims: &AttentionDims,
+    q_start: &[usize],
+    q_lens: &[usize],
+) -> Result<()> {
     if q_start.len() != dims.batch || q_lens.len() != dims.batch {
         bail!(
             "{op}: q_start ({}) and q_lens ({}) need one entry per sequence (B = {})",
@@ -168,7 +199,7 @@ pub(crate) fn validate_prompt(
             );
         }
     }
-    Ok(dims)
+    Ok(())
 }
 
 pub(crate) fn validate_decode(
@@ -183,6 +214,12 @@ pub(crate) fn validate_decode(
     if dims.q_rows != 1 {
         bail!("{op}: q must hold one query token per sequence ([B, 1, Nq, D]), got shape {:?}", q.dims());
     }
+    check_decode_lengths(op, &dims, kv_lens)?;
+    Ok(dims)
+}
+
+/// The `kv_lens` rules of [`decode_attention`].
+pub(crate) fn check_decode_lengths(op: &'static str, dims: &AttentionDims, kv_lens: &[usize]) -> Result<()> {
     if kv_lens.len() != dims.batch {
         bail!("{op}: kv_lens ({}) needs one entry per sequence (B = {})", kv_lens.len(), dims.batch);
     }
@@ -191,5 +228,5 @@ pub(crate) fn validate_decode(
             bail!("{op}: kv_lens[{b}] = {len} must be in 1..={} (the cache capacity)", dims.capacity);
         }
     }
-    Ok(dims)
+    Ok(())
 }

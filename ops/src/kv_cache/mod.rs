@@ -1,7 +1,11 @@
 //! Writing new keys / values into a fixed, preallocated KV cache in place, at a separate
 //! position per sequence (ragged batches). Maps to aclnnInplaceScatterUpdate.
+//!
+//! Float caches are candle tensors written by [`kv_write`]; the int8 cache (C8) is the plain
+//! struct [`Int8KvCache`] written by [`kv_write_int8`] (quantize-on-write, `int8.rs`).
 
 mod cpu;
+mod int8;
 mod reference;
 
 use candle_core::backend::BackendStorage;
@@ -10,6 +14,7 @@ use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, bail};
 use crate::dispatch_float;
 use crate::host::{storage_mut, storage_ref};
 
+pub use int8::{Int8KvCache, KvQuantParams, kv_write_int8, kv_write_int8_reference};
 pub use reference::kv_write_reference;
 
 const KV_WRITE: &str = "kv_write";

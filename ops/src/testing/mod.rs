@@ -294,3 +294,22 @@ pub fn median_time<T>(mut f: impl FnMut() -> Result<T>, reps: usize) -> Result<s
     times.sort();
     Ok(times[times.len() / 2])
 }
+
+/// Int8 KV cache parameters for `channels` channels, calibrated on random ranges within
+/// [-3, 3]: most channels two-sided, every 7th one positive only, the next one negative only
+/// (the zero point at an end of the int8 range), and channel 2 dead (min = max = 0).
+pub fn random_kv_params(rng: &mut Rng, channels: usize) -> Result<crate::kv_cache::KvQuantParams> {
+    let mut min = Vec::with_capacity(channels);
+    let mut max = Vec::with_capacity(channels);
+    for c in 0..channels {
+        let (lo, hi) = match c % 7 {
+            0 => (0.1, rng.uniform(0.5, 3.0)),
+            1 => (rng.uniform(-3.0, -0.5), -0.2),
+            2 if c == 2 => (0.0, 0.0),
+            _ => (rng.uniform(-3.0, -0.5), rng.uniform(0.5, 3.0)),
+        };
+        min.push(lo);
+        max.push(hi);
+    }
+    crate::kv_cache::KvQuantParams::from_range(&min, &max)
+}
