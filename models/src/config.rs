@@ -139,6 +139,34 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// An HF `config.json` object that [`from_hf_json`](Self::from_hf_json) reads back as
+    /// this configuration.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let arch = match self.architecture {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+        };
+        serde_json::json!({
+            "architectures": [arch],
+            "model_type": self.architecture.name(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids,
+        })
+    }
+
     /// The equivalent candle-transformers llama config (parity tests and benchmarks).
     pub fn to_candle_llama(&self) -> candle_transformers::models::llama::Config {
         candle_transformers::models::llama::Config {

@@ -19,6 +19,7 @@ pub mod fetch;
 pub mod generate;
 pub mod loader;
 pub mod model;
+pub mod progress;
 pub mod quant;
 pub mod random;
 pub mod reference;

@@ -2,6 +2,7 @@
 //! `candle-ascend-ops`.
 
 use super::{Backend, LinearWeights, StepPlan};
+use crate::model::KvQuant;
 use candle_ascend_ops as ops;
 use candle_core::{DType, Device, IndexOp, Result, Tensor, bail};
 
@@ -33,9 +34,11 @@ pub enum CpuLinear {
 
 /// One layer's fixed K and V caches, `[batch, capacity, kv_heads, head_dim]` each.
 #[derive(Debug)]
-pub struct CpuKvCache {
-    pub k: Tensor,
-    pub v: Tensor,
+pub enum CpuKvCache {
+    /// In the activation dtype (candle tensors).
+    Float { k: Tensor, v: Tensor },
+    /// int8 with per-channel asymmetric parameters (C8), quantized on write.
+    Int8 { k: ops::Int8KvCache, v: ops::Int8KvCache },
 }
 
 impl Backend for CpuBackend {
@@ -69,12 +72,34 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn new_kv_cache(&self, batch: usize, capacity: usize, kv_heads: usize, head_dim: usize) -> Result<CpuKvCache> {
+    fn new_kv_cache(
+        &self,
+        batch: usize,
+        capacity: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        quant: Option<&KvQuant>,
+    ) -> Result<CpuKvCache> {
+        if let Some(q) = quant {
+            let params =
+                |scale: &[f32], offset: &[f32]| ops::KvQuantParams { scale: scale.to_vec(), offset: offset.to_vec() };
+            return Ok(CpuKvCache::Int8 {
+                k: ops::Int8KvCache::new(batch, capacity, kv_heads, head_dim, params(&q.k_scale, &q.k_offset))?,
+                v: ops::Int8KvCache::new(batch, capacity, kv_heads, head_dim, params(&q.v_scale, &q.v_offset))?,
+            });
+        }
         let shape = (batch, capacity, kv_heads, head_dim);
-        Ok(CpuKvCache {
+        Ok(CpuKvCache::Float {
             k: Tensor::zeros(shape, self.dtype, &Device::Cpu)?,
             v: Tensor::zeros(shape, self.dtype, &Device::Cpu)?,
         })
+    }
+
+    fn kv_cache_bytes(&self, cache: &CpuKvCache) -> usize {
+        match cache {
+            CpuKvCache::Float { k, v } => (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes(),
+            CpuKvCache::Int8 { k, v } => k.bytes() + v.bytes(),
+        }
     }
 
     fn gather_rows(&self, table: &Tensor, ids: &[u32], batch: usize, seq: usize) -> Result<Tensor> {
@@ -116,18 +141,37 @@ impl Backend for CpuBackend {
     }
 
     fn kv_write(&self, cache: &mut CpuKvCache, k: &Tensor, v: &Tensor, plan: &StepPlan<'_>) -> Result<()> {
-        ops::kv_write(&batch_view(&cache.k, plan.batch)?, k, plan.start)?;
-        ops::kv_write(&batch_view(&cache.v, plan.batch)?, v, plan.start)
+        match cache {
+            CpuKvCache::Float { k: kc, v: vc } => {
+                ops::kv_write(&batch_view(kc, plan.batch)?, k, plan.start)?;
+                ops::kv_write(&batch_view(vc, plan.batch)?, v, plan.start)
+            }
+            CpuKvCache::Int8 { k: kc, v: vc } => {
+                ops::kv_write_int8(kc, k, plan.start)?;
+                ops::kv_write_int8(vc, v, plan.start)
+            }
+        }
     }
 
     fn attention(&self, q: &Tensor, cache: &CpuKvCache, plan: &StepPlan<'_>, scale: f32) -> Result<Tensor> {
         let (b, s, nq, d) = q.dims4()?;
-        let (k_cache, v_cache) = (batch_view(&cache.k, b)?, batch_view(&cache.v, b)?);
-        let out = if plan.is_decode() {
-            let kv_lens: Vec<usize> = plan.start.iter().zip(plan.lens).map(|(p, l)| p + l).collect();
-            ops::decode_attention(q, &k_cache, &v_cache, &kv_lens, scale)?
-        } else {
-            ops::prompt_attention(q, &k_cache, &v_cache, plan.start, plan.lens, scale)?
+        let kv_lens: Vec<usize> = plan.start.iter().zip(plan.lens).map(|(p, l)| p + l).collect();
+        let out = match cache {
+            CpuKvCache::Float { k, v } => {
+                let (k_cache, v_cache) = (batch_view(k, b)?, batch_view(v, b)?);
+                if plan.is_decode() {
+                    ops::decode_attention(q, &k_cache, &v_cache, &kv_lens, scale)?
+                } else {
+                    ops::prompt_attention(q, &k_cache, &v_cache, plan.start, plan.lens, scale)?
+                }
+            }
+            CpuKvCache::Int8 { k, v } => {
+                if plan.is_decode() {
+                    ops::decode_attention_int8(q, k, v, &kv_lens, scale)?
+                } else {
+                    ops::prompt_attention_int8(q, k, v, plan.start, plan.lens, scale)?
+                }
+            }
         };
         out.reshape((b, s, nq * d))
     }
@@ -163,7 +207,11 @@ impl Backend for CpuBackend {
 
     fn kv_cache_id(&self, cache: &CpuKvCache) -> usize {
         use candle_core::{CpuStorage, Storage};
-        let (storage, _) = cache.k.storage_and_layout();
+        let k = match cache {
+            CpuKvCache::Float { k, .. } => k,
+            CpuKvCache::Int8 { k, .. } => return k.storage_id(),
+        };
+        let (storage, _) = k.storage_and_layout();
         match &*storage {
             Storage::Cpu(CpuStorage::F32(v)) => v.as_ptr() as usize,
             Storage::Cpu(CpuStorage::F16(v)) => v.as_ptr() as usize,

@@ -12,6 +12,7 @@ pub mod cpu;
 
 pub use cpu::{CpuBackend, CpuLinear};
 
+use crate::model::KvQuant;
 use candle_core::{DType, Result, Tensor};
 
 /// What a forward step is: the shapes and per-sequence positions the attention ops need.
@@ -64,8 +65,18 @@ pub trait Backend: Send + Sync + Sized {
     fn upload(&self, host: &Tensor) -> Result<Self::Tensor>;
     /// Prepares `y = x W^T + b` (packing, repacking or uploading the weights once).
     fn prepare_linear(&self, weights: LinearWeights<'_>) -> Result<Self::Linear>;
-    /// Allocates one layer's fixed KV cache `[batch, capacity, kv_heads, head_dim]` (twice).
-    fn new_kv_cache(&self, batch: usize, capacity: usize, kv_heads: usize, head_dim: usize) -> Result<Self::KvCache>;
+    /// Allocates one layer's fixed KV cache `[batch, capacity, kv_heads, head_dim]` (twice):
+    /// in the activation dtype, or int8 with per-channel parameters when `quant` is given.
+    fn new_kv_cache(
+        &self,
+        batch: usize,
+        capacity: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        quant: Option<&KvQuant>,
+    ) -> Result<Self::KvCache>;
+    /// Bytes of storage one layer's cache holds (K and V; memory reports).
+    fn kv_cache_bytes(&self, cache: &Self::KvCache) -> usize;
 
     /// Gathers rows of `table` `[V, W]`: `ids` (host, `batch * seq` values) -> `[batch, seq, W]`.
     fn gather_rows(&self, table: &Self::Tensor, ids: &[u32], batch: usize, seq: usize) -> Result<Self::Tensor>;

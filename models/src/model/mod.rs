@@ -14,17 +14,20 @@
 //! llama and qwen2 differ only in configuration (q/k/v bias, rope theta, tied embeddings).
 
 mod layer;
+mod prepared;
 mod rope;
 
 pub use layer::HostLayer;
+pub use prepared::{HostLinear, KvQuant, PreparedLayer, PreparedModel};
 
 pub use rope::rope_tables;
 
-use crate::backend::{Backend, LinearWeights, StepPlan};
+use crate::backend::{Backend, StepPlan};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
-use crate::quant::{Calibration, OutliersSuppression, QuantConfig, QuantDtype};
+use crate::quant::prepare::{check_plan, prepare_layer, prepare_lm_head};
+use crate::quant::{Calibration, QuantConfig};
 use candle_core::Tensor;
 
 /// Capacity of the fixed KV cache.
@@ -72,9 +75,11 @@ impl<B: Backend> Transformer<B> {
         Self::new_quantized(backend, config, weights, cache_config, None)
     }
 
-    /// Like [`new`](Self::new), quantizing at load what `quant` asks for. Supported now: int8
-    /// weights with float activations and KV cache (W8A16, round-to-nearest per output channel,
-    /// e.g. the `w8a16` preset), honouring `float_layers` and `modules_to_not_convert`.
+    /// Like [`new`](Self::new), quantizing at load what `quant` asks for without calibration
+    /// data: int8 weights with float activations and KV cache (W8A16, round-to-nearest per
+    /// output channel, the `w8a16` preset), honouring `float_layers` and
+    /// `modules_to_not_convert`. Configurations with int8 activations or KV cache need
+    /// [`new_calibrated`](Self::new_calibrated).
     pub fn new_quantized(
         backend: B,
         config: ModelConfig,
@@ -85,11 +90,12 @@ impl<B: Backend> Transformer<B> {
         Self::new_calibrated(backend, config, weights, cache_config, quant, None)
     }
 
-    /// Like [`new_quantized`](Self::new_quantized) with calibrated input ranges, which int8
-    /// activations (A8W8) need: SmoothQuant scales are folded into the norm gammas and the
-    /// producing weights, then each converted linear gets int8 weights, static activation
-    /// parameters and the zero-point-correcting int32 bias. The int8 KV cache (C8) is not
-    /// implemented yet and is rejected.
+    /// Like [`new_quantized`](Self::new_quantized) with calibrated ranges, which int8
+    /// activations (A8W8) and the int8 KV cache (C8) need: SmoothQuant scales are folded into
+    /// the norm gammas and the producing weights, each converted linear gets int8 weights,
+    /// static activation parameters and the zero-point-correcting int32 bias, and each
+    /// quantized layer's cache stores int8 with per-channel parameters (see `quant::prepare`).
+    /// Layers are quantized and uploaded one at a time, so the host holds one extra layer.
     pub fn new_calibrated(
         backend: B,
         config: ModelConfig,
@@ -99,18 +105,43 @@ impl<B: Backend> Transformer<B> {
         calibration: Option<&Calibration>,
     ) -> Result<Self> {
         if let Some(q) = quant {
-            q.validate_for(config.num_layers).map_err(|e| ModelError::UnsupportedConfig(e.to_string()))?;
-            if q.kvcache_dtype == QuantDtype::Int8 {
-                return Err(ModelError::UnsupportedConfig(format!(
-                    "quantization `{q}`: the int8 KV cache is not implemented yet; use the a8w8 or w8a16 preset"
-                )));
-            }
-            if q.activation_dtype == QuantDtype::Int8 && calibration.is_none() {
-                return Err(ModelError::UnsupportedConfig(format!(
-                    "quantization `{q}`: int8 activations need calibrated scales; calibrate first (--calib FILE)"
-                )));
-            }
+            check_plan(q, &config, calibration)?;
         }
+        config.validate()?;
+        let c = &config;
+        let embed = weights.get_with_shape("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let lm_head = prepare_lm_head(lm_head_weight(weights, c, &embed)?, quant)?;
+        let final_norm = weights.get_with_shape("model.norm.weight", &[c.hidden_size])?;
+        let layers = (0..c.num_layers).map(|i| prepare_layer(weights, c, i, quant, calibration));
+        Self::from_layers(backend, config.clone(), cache_config, &embed, &final_norm, &lm_head, layers)
+    }
+
+    /// Builds the model from a prepared (possibly quantized) host model, e.g. a quantized
+    /// checkpoint.
+    pub fn from_prepared(backend: B, model: &PreparedModel, cache_config: CacheConfig) -> Result<Self> {
+        let layers = model.layers.iter().cloned().map(Ok);
+        Self::from_layers(
+            backend,
+            model.config.clone(),
+            cache_config,
+            &model.embed_tokens,
+            &model.final_norm,
+            &model.lm_head,
+            layers,
+        )
+    }
+
+    /// Uploads the embedding, norms and lm_head, then each prepared layer as it comes
+    /// (dropping its host form), computes the RoPE tables and allocates the KV cache.
+    pub fn from_layers(
+        backend: B,
+        config: ModelConfig,
+        cache_config: CacheConfig,
+        embed_tokens: &Tensor,
+        final_norm: &Tensor,
+        lm_head: &HostLinear,
+        layers: impl IntoIterator<Item = Result<PreparedLayer>>,
+    ) -> Result<Self> {
         let _span = tracing::info_span!("load", backend = %backend.name(), layers = config.num_layers).entered();
         config.validate()?;
         if cache_config.max_batch == 0 || cache_config.max_seq_len == 0 {
@@ -118,75 +149,49 @@ impl<B: Backend> Transformer<B> {
         }
         let c = &config;
         let (h, d) = (c.hidden_size, c.head_dim);
-        let embed_host = weights.get_with_shape("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let alpha =
-            quant.map(|q| q.smooth_alpha()).transpose().map_err(|e| ModelError::UnsupportedConfig(e.to_string()))?;
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for i in 0..c.num_layers {
-            let mut host = HostLayer::load(weights, c, i)?;
-            let names = host.module_names();
-            let a8w8 = |m: usize| quant.is_some_and(|q| uses_int8_activations(q, i, &names[m]));
-            // Per-tensor input range of each linear that runs A8W8, after SmoothQuant folding
-            // where the configuration asks for it.
-            let mut ranges: [Option<(f32, f32)>; 4] = [None; 4];
-            if (0..4).any(a8w8) {
-                let calib = calibration.ok_or_else(|| {
-                    ModelError::UnsupportedConfig(
-                        "int8 activations need calibration data (see quant::calibrate)".into(),
-                    )
-                })?;
-                let layer_ranges = calib.layers.get(i).ok_or_else(|| {
-                    ModelError::UnsupportedConfig(format!(
-                        "the calibration covers {} layers, not {}",
-                        calib.layers.len(),
-                        c.num_layers
-                    ))
-                })?;
-                let smooth = quant.is_some_and(|q| q.outliers_suppression == OutliersSuppression::Smooth);
-                let folded = crate::quant::a8w8::fold_layer(
-                    &mut host,
-                    layer_ranges,
-                    c,
-                    smooth.then_some(alpha.unwrap_or(0.5)),
-                    [a8w8(0), a8w8(1), a8w8(2), a8w8(3)],
-                )?;
-                ranges = folded;
-            }
-            let linear = |m: usize, weight: &Tensor, bias: Option<&Tensor>| {
-                prepare_linear(&backend, quant, Some(i), &names[m], weight, bias, ranges[m])
-            };
-            layers.push(DecoderLayer {
-                input_norm: backend.upload(&host.input_norm)?,
-                qkv: linear(0, &host.qkv_w, host.qkv_b.as_ref())?,
-                o_proj: linear(1, &host.o_w, None)?,
-                post_attention_norm: backend.upload(&host.post_attention_norm)?,
-                gate_up: linear(2, &host.gate_up_w, None)?,
-                down: linear(3, &host.down_w, None)?,
+        let mut uploaded = Vec::with_capacity(c.num_layers);
+        let mut kv_caches = Vec::with_capacity(c.num_layers);
+        for layer in layers {
+            let layer = layer?;
+            kv_caches.push(backend.new_kv_cache(
+                cache_config.max_batch,
+                cache_config.max_seq_len,
+                c.num_kv_heads,
+                d,
+                layer.kv.as_ref(),
+            )?);
+            uploaded.push(DecoderLayer {
+                input_norm: backend.upload(&layer.input_norm)?,
+                qkv: backend.prepare_linear(layer.qkv.as_weights())?,
+                o_proj: backend.prepare_linear(layer.o_proj.as_weights())?,
+                post_attention_norm: backend.upload(&layer.post_attention_norm)?,
+                gate_up: backend.prepare_linear(layer.gate_up.as_weights())?,
+                down: backend.prepare_linear(layer.down.as_weights())?,
             });
         }
-        let lm_head_host = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
-            if !c.tie_word_embeddings {
-                return Err(ModelError::MissingWeight {
-                    name: "lm_head.weight".into(),
-                    path: weights.source().to_path_buf(),
-                });
-            }
-            embed_host.clone()
-        } else {
-            weights.get_with_shape("lm_head.weight", &[c.vocab_size, h])?
-        };
-        let positions = cache_config.max_seq_len;
-        let (cos, sin) = rope_tables(d, positions, c.rope_theta)?;
-        let kv_caches = (0..c.num_layers)
-            .map(|_| backend.new_kv_cache(cache_config.max_batch, cache_config.max_seq_len, c.num_kv_heads, d))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        if uploaded.len() != c.num_layers {
+            return Err(ModelError::InvalidInput(format!(
+                "{} decoder layers given for a model of {}",
+                uploaded.len(),
+                c.num_layers
+            )));
+        }
+        if lm_head.dims()? != (c.vocab_size, h) || embed_tokens.dims() != [c.vocab_size, h] {
+            return Err(ModelError::InvalidInput(format!(
+                "embedding {:?} / lm_head {:?} do not match vocab {} x hidden {h}",
+                embed_tokens.dims(),
+                lm_head.dims()?,
+                c.vocab_size
+            )));
+        }
+        let (cos, sin) = rope_tables(d, cache_config.max_seq_len, c.rope_theta)?;
         Ok(Self {
-            embed_tokens: backend.upload(&embed_host)?,
+            embed_tokens: backend.upload(embed_tokens)?,
             rope_cos: backend.upload(&cos)?,
             rope_sin: backend.upload(&sin)?,
-            final_norm: backend.upload(&weights.get_with_shape("model.norm.weight", &[h])?)?,
-            lm_head: prepare_linear(&backend, quant, None, &["lm_head".to_string()], &lm_head_host, None, None)?,
-            layers,
+            final_norm: backend.upload(final_norm)?,
+            lm_head: backend.prepare_linear(lm_head.as_weights())?,
+            layers: uploaded,
             kv_caches,
             backend,
             config,
@@ -220,6 +225,11 @@ impl<B: Backend> Transformer<B> {
             })
             .sum();
         layers + be.linear_bytes(&self.lm_head)
+    }
+
+    /// Bytes the KV cache of every layer holds (memory reports).
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.kv_caches.iter().map(|c| self.backend.kv_cache_bytes(c)).sum()
     }
 
     /// Identity of the first layer's cache storage (stable across steps: nothing reallocates).
@@ -350,46 +360,13 @@ impl<B: Backend> Transformer<B> {
     }
 }
 
-/// Whether the linear merging `modules` in layer `layer` runs with int8 activations (A8W8).
-fn uses_int8_activations(q: &QuantConfig, layer: usize, modules: &[String]) -> bool {
-    q.activation_dtype == QuantDtype::Int8
-        && q.weight_dtype == QuantDtype::Int8
-        && q.quantizes_layer(layer)
-        && modules.iter().all(|m| q.converts_module(m))
-}
-
-/// Prepares one (possibly merged) linear: A8W8 when `input_range` is given (calibrated, the
-/// configuration asks for int8 activations); int8 weights (RTN, per output channel) when
-/// `quant` asks for int8 weights, the layer is not a float layer and no module merged into it
-/// is in `modules_to_not_convert`; float otherwise.
-fn prepare_linear<B: Backend>(
-    backend: &B,
-    quant: Option<&QuantConfig>,
-    layer: Option<usize>,
-    modules: &[String],
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    input_range: Option<(f32, f32)>,
-) -> Result<B::Linear> {
-    if let Some((lo, hi)) = input_range {
-        let linear = crate::quant::a8w8::quantize_linear(weight, bias, lo, hi)?;
-        return Ok(backend.prepare_linear(LinearWeights::Int8 { linear: &linear })?);
+/// The lm_head weight: its own, or the embedding when tied.
+pub fn lm_head_weight(weights: &Weights, c: &ModelConfig, embed: &Tensor) -> Result<Tensor> {
+    if c.tie_word_embeddings {
+        return Ok(embed.clone());
     }
-    let int8 = quant.is_some_and(|q| {
-        q.weight_dtype == QuantDtype::Int8
-            && layer.is_none_or(|l| q.quantizes_layer(l))
-            && modules.iter().all(|m| q.converts_module(m))
-    });
-    if !int8 {
-        return Ok(backend.prepare_linear(LinearWeights::Float { weight, bias })?);
+    if !weights.contains("lm_head.weight") {
+        return Err(ModelError::MissingWeight { name: "lm_head.weight".into(), path: weights.source().to_path_buf() });
     }
-    let (out_features, in_features) = weight.dims2()?;
-    let (w_q, scale) = candle_ascend_ops::rtn_quantize_weight(weight)?;
-    Ok(backend.prepare_linear(LinearWeights::Int8Weight {
-        w_q: &w_q,
-        out_features,
-        in_features,
-        scale: &scale,
-        bias,
-    })?)
+    weights.get_with_shape("lm_head.weight", &[c.vocab_size, c.hidden_size])
 }

@@ -1,7 +1,8 @@
 //! Calibration: run the float model over calibration sequences and record, for the input of
-//! every linear layer, the per-channel minimum and maximum. SmoothQuant's migration scales and
-//! the static per-tensor asymmetric activation parameters (DESIGN.md section 6) are derived
-//! from these ranges.
+//! every linear layer and for the keys and values written to every layer's cache, the
+//! per-channel minimum and maximum. SmoothQuant's migration scales, the static per-tensor
+//! asymmetric activation parameters and the per-channel int8 KV-cache parameters (DESIGN.md
+//! section 6) are derived from these ranges.
 //!
 //! The model code is not touched: [`calibrate`] runs it on an observing backend that wraps the
 //! CPU backend and looks at every linear input on its way through.
@@ -10,7 +11,7 @@ use crate::backend::{Backend, CpuBackend, CpuLinear, LinearWeights, StepPlan, cp
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
-use crate::model::{CacheConfig, Transformer};
+use crate::model::{CacheConfig, KvQuant, Transformer};
 use candle_core::{DType, Tensor};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,13 +46,12 @@ impl ChannelRange {
 
     fn update(&mut self, x: &Tensor) -> candle_core::Result<()> {
         let k = self.min.len();
-        let rows = x.elem_count() / k;
-        let x = x.to_dtype(DType::F32)?.reshape((rows, k))?;
-        let lo = x.min(0)?.to_vec1::<f32>()?;
-        let hi = x.max(0)?.to_vec1::<f32>()?;
-        for j in 0..k {
-            self.min[j] = self.min[j].min(lo[j]);
-            self.max[j] = self.max[j].max(hi[j]);
+        let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        for row in values.chunks_exact(k) {
+            for ((lo, hi), &v) in self.min.iter_mut().zip(self.max.iter_mut()).zip(row) {
+                *lo = lo.min(v);
+                *hi = hi.max(v);
+            }
         }
         Ok(())
     }
@@ -62,6 +62,9 @@ impl ChannelRange {
 pub struct Calibration {
     /// Per decoder layer: inputs of [qkv, o_proj, gate_up, down].
     pub layers: Vec<[ChannelRange; 4]>,
+    /// Per decoder layer: [K (after RoPE), V] as written to the cache, per channel
+    /// `kv_head * head_dim + d`.
+    pub kv: Vec<[ChannelRange; 2]>,
     /// Tokens the statistics were collected over.
     pub tokens: usize,
 }
@@ -77,20 +80,26 @@ pub fn calibrate(config: &ModelConfig, weights: &Weights, sequences: &[Vec<u32>]
         )));
     }
     let longest = sequences.iter().map(Vec::len).max().unwrap_or(1);
-    let observer =
-        Observer { inner: CpuBackend::new(DType::F32)?, next_id: AtomicUsize::new(0), ranges: Mutex::new(Vec::new()) };
+    let observer = Observer {
+        inner: CpuBackend::new(DType::F32)?,
+        next_id: AtomicUsize::new(0),
+        next_cache: AtomicUsize::new(0),
+        ranges: Mutex::new(Vec::new()),
+        kv_ranges: Mutex::new(Vec::new()),
+    };
     let cache = CacheConfig { max_batch: 1, max_seq_len: longest };
     let mut model = Transformer::new(observer, config.clone(), weights, cache)?;
-    let progress = indicatif::ProgressBar::new(sequences.len() as u64);
-    progress.set_message("calibrating");
+    let progress = crate::progress::bar(tokens as u64, "calibrating", "tokens");
     for seq in sequences.iter().filter(|s| !s.is_empty()) {
         model.forward(seq, seq.len(), &[0], &[seq.len()])?;
-        progress.inc(1);
+        progress.inc(seq.len() as u64);
     }
     progress.finish_and_clear();
-    let ranges =
-        model.backend().ranges.lock().map_err(|_| ModelError::InvalidInput("calibration state poisoned".into()))?;
+    let poisoned = || ModelError::InvalidInput("calibration state poisoned".into());
+    let ranges = model.backend().ranges.lock().map_err(|_| poisoned())?;
+    let kv_ranges = model.backend().kv_ranges.lock().map_err(|_| poisoned())?;
     let mut layers = Vec::with_capacity(config.num_layers);
+    let mut kv = Vec::with_capacity(config.num_layers);
     for l in 0..config.num_layers {
         let take = |i: usize| {
             ranges.get(4 * l + i).and_then(|r| r.clone()).ok_or_else(|| {
@@ -98,22 +107,30 @@ pub fn calibrate(config: &ModelConfig, weights: &Weights, sequences: &[Vec<u32>]
             })
         };
         layers.push([take(0)?, take(1)?, take(2)?, take(3)?]);
+        let pair = kv_ranges
+            .get(l)
+            .and_then(|p| p.clone())
+            .ok_or_else(|| ModelError::InvalidInput(format!("calibration saw no keys or values for layer {l}")))?;
+        kv.push(pair);
     }
-    Ok(Calibration { layers, tokens })
+    Ok(Calibration { layers, kv, tokens })
 }
 
 /// The CPU backend, recording the per-channel range of every linear input (linears are
-/// numbered in the order the model prepares them).
+/// numbered in the order the model prepares them) and of the keys and values written to each
+/// layer's cache (caches numbered in allocation order, one per layer).
 struct Observer {
     inner: CpuBackend,
     next_id: AtomicUsize,
+    next_cache: AtomicUsize,
     ranges: Mutex<Vec<Option<ChannelRange>>>,
+    kv_ranges: Mutex<Vec<Option<[ChannelRange; 2]>>>,
 }
 
 impl Backend for Observer {
     type Tensor = Tensor;
     type Linear = (usize, CpuLinear);
-    type KvCache = CpuKvCache;
+    type KvCache = (usize, CpuKvCache);
 
     fn name(&self) -> String {
         "cpu (calibrating)".into()
@@ -133,8 +150,13 @@ impl Backend for Observer {
         capacity: usize,
         kv_heads: usize,
         head_dim: usize,
-    ) -> candle_core::Result<CpuKvCache> {
-        self.inner.new_kv_cache(batch, capacity, kv_heads, head_dim)
+        quant: Option<&KvQuant>,
+    ) -> candle_core::Result<Self::KvCache> {
+        let id = self.next_cache.fetch_add(1, Ordering::SeqCst);
+        Ok((id, self.inner.new_kv_cache(batch, capacity, kv_heads, head_dim, quant)?))
+    }
+    fn kv_cache_bytes(&self, c: &Self::KvCache) -> usize {
+        self.inner.kv_cache_bytes(&c.1)
     }
     fn gather_rows(&self, table: &Tensor, ids: &[u32], batch: usize, seq: usize) -> candle_core::Result<Tensor> {
         self.inner.gather_rows(table, ids, batch, seq)
@@ -169,11 +191,22 @@ impl Backend for Observer {
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         self.inner.rope(x, cos, sin)
     }
-    fn kv_write(&self, c: &mut CpuKvCache, k: &Tensor, v: &Tensor, plan: &StepPlan<'_>) -> candle_core::Result<()> {
-        self.inner.kv_write(c, k, v, plan)
+    fn kv_write(&self, c: &mut Self::KvCache, k: &Tensor, v: &Tensor, plan: &StepPlan<'_>) -> candle_core::Result<()> {
+        {
+            let mut ranges =
+                self.kv_ranges.lock().map_err(|_| candle_core::Error::Msg("calibration state poisoned".into()))?;
+            if ranges.len() <= c.0 {
+                ranges.resize(c.0 + 1, None);
+            }
+            let channels = k.dim(2)? * k.dim(3)?;
+            let pair = ranges[c.0].get_or_insert_with(|| [ChannelRange::new(channels), ChannelRange::new(channels)]);
+            pair[0].update(k)?;
+            pair[1].update(v)?;
+        }
+        self.inner.kv_write(&mut c.1, k, v, plan)
     }
-    fn attention(&self, q: &Tensor, c: &CpuKvCache, plan: &StepPlan<'_>, scale: f32) -> candle_core::Result<Tensor> {
-        self.inner.attention(q, c, plan, scale)
+    fn attention(&self, q: &Tensor, c: &Self::KvCache, plan: &StepPlan<'_>, scale: f32) -> candle_core::Result<Tensor> {
+        self.inner.attention(q, &c.1, plan, scale)
     }
     fn swiglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.inner.swiglu(x)
@@ -187,7 +220,7 @@ impl Backend for Observer {
     fn linear_bytes(&self, w: &Self::Linear) -> usize {
         self.inner.linear_bytes(&w.1)
     }
-    fn kv_cache_id(&self, c: &CpuKvCache) -> usize {
-        self.inner.kv_cache_id(c)
+    fn kv_cache_id(&self, c: &Self::KvCache) -> usize {
+        self.inner.kv_cache_id(&c.1)
     }
 }

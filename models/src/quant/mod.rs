@@ -4,11 +4,16 @@
 //!   `float_layers`), presets, validation;
 //! - [`calibrate`]: per-channel ranges of every linear input, collected by running the float
 //!   model over calibration data;
-//! - [`a8w8`]: SmoothQuant scales, int8 weights, activation parameters and int32 biases.
+//! - [`a8w8`]: SmoothQuant scales, int8 weights, activation parameters and int32 biases;
+//! - [`prepare`]: the rules that turn float layers, a configuration and calibration data into
+//!   the prepared (quantized) layers the model uploads.
 
 pub mod a8w8;
 pub mod calibrate;
+pub mod checkpoint;
 pub mod config;
+pub mod prepare;
 
 pub use calibrate::{Calibration, ChannelRange, calibrate};
 pub use config::{OutliersSuppression, QuantConfig, QuantConfigError, QuantDtype, QuantMethod};
+pub use prepare::{prepare_layer, prepare_lm_head, quantize_model};

@@ -1,0 +1,187 @@
+//! From float host weights, a configuration and calibration data to the prepared (quantized)
+//! form of each layer: which linears run A8W8, W8A16 or float, SmoothQuant folding, and the
+//! int8 KV-cache parameters. The decision rules live here and nowhere else.
+
+use super::a8w8::{fold_layer, quantize_linear};
+use super::calibrate::{Calibration, ChannelRange};
+use super::config::{OutliersSuppression, QuantConfig, QuantDtype};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::loader::Weights;
+use crate::model::{HostLayer, HostLinear, KvQuant, PreparedLayer, PreparedModel};
+use candle_core::Tensor;
+
+/// Checks that `quant` can be applied to a model of `config` with the calibration given.
+pub fn check_plan(quant: &QuantConfig, config: &ModelConfig, calibration: Option<&Calibration>) -> Result<()> {
+    quant.validate_for(config.num_layers)?;
+    let needs_calibration = quant.activation_dtype == QuantDtype::Int8 || quant.kvcache_dtype == QuantDtype::Int8;
+    match calibration {
+        None if needs_calibration => Err(ModelError::UnsupportedConfig(format!(
+            "quantization `{quant}`: int8 activations and the int8 KV cache need calibrated ranges; \
+             calibrate first (--calib FILE, or the default calibration data)"
+        ))),
+        Some(c) if needs_calibration && c.layers.len() != config.num_layers => Err(ModelError::UnsupportedConfig(
+            format!("the calibration covers {} layers, the model has {}", c.layers.len(), config.num_layers),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Layer `index` of `weights` in the form `quant` asks for (float when `quant` is `None`).
+pub fn prepare_layer(
+    weights: &Weights,
+    config: &ModelConfig,
+    index: usize,
+    quant: Option<&QuantConfig>,
+    calibration: Option<&Calibration>,
+) -> Result<PreparedLayer> {
+    let mut host = HostLayer::load(weights, config, index)?;
+    let Some(q) = quant else {
+        return Ok(PreparedLayer::float(host));
+    };
+    let names = host.module_names();
+    let a8w8: [bool; 4] = std::array::from_fn(|m| uses_int8_activations(q, index, &names[m]));
+    let calib =
+        |what: &str| calibration.ok_or_else(|| ModelError::UnsupportedConfig(format!("{what} need calibration data")));
+    let mut ranges: [Option<(f32, f32)>; 4] = [None; 4];
+    if a8w8.iter().any(|&b| b) {
+        let layer_ranges = &calib("int8 activations")?.layers[index];
+        let alpha = match q.outliers_suppression {
+            OutliersSuppression::Smooth => Some(q.smooth_alpha()?),
+            OutliersSuppression::None => None,
+        };
+        ranges = fold_layer(&mut host, layer_ranges, config, alpha, a8w8)?;
+    }
+    let kv = if int8_kv_cache(q, index) {
+        let c = calib("the int8 KV cache")?;
+        let [k, v] = c.kv.get(index).ok_or_else(|| {
+            ModelError::UnsupportedConfig(format!("the calibration has no K/V ranges for layer {index}"))
+        })?;
+        Some(kv_quant(k, v)?)
+    } else {
+        None
+    };
+    let linear = |m: usize, weight: Tensor, bias: Option<Tensor>| {
+        prepare_linear(q, Some(index), &names[m], weight, bias, ranges[m])
+    };
+    Ok(PreparedLayer {
+        qkv: linear(0, host.qkv_w, host.qkv_b)?,
+        o_proj: linear(1, host.o_w, None)?,
+        gate_up: linear(2, host.gate_up_w, None)?,
+        down: linear(3, host.down_w, None)?,
+        input_norm: host.input_norm,
+        post_attention_norm: host.post_attention_norm,
+        kv,
+    })
+}
+
+/// The lm_head in the form `quant` asks for (int8 weights only when `lm_head` is not in
+/// `modules_to_not_convert`; never int8 activations: its input range is not calibrated).
+pub fn prepare_lm_head(weight: Tensor, quant: Option<&QuantConfig>) -> Result<HostLinear> {
+    match quant {
+        None => Ok(HostLinear::Float { weight, bias: None }),
+        Some(q) => prepare_linear(q, None, &["lm_head".to_string()], weight, None, None),
+    }
+}
+
+/// Per-channel int8 parameters of a layer's K and V caches from their calibrated ranges
+/// (`candle_ascend_ops::KvQuantParams::from_range`: asymmetric, `offset = -zero_point`).
+pub fn kv_quant(k: &ChannelRange, v: &ChannelRange) -> Result<KvQuant> {
+    let k = candle_ascend_ops::KvQuantParams::from_range(&k.min, &k.max)?;
+    let v = candle_ascend_ops::KvQuantParams::from_range(&v.min, &v.max)?;
+    Ok(KvQuant { k_scale: k.scale, k_offset: k.offset, v_scale: v.scale, v_offset: v.offset })
+}
+
+/// How one (possibly merged) linear runs under a configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearKind {
+    Float,
+    /// int8 weights, float activations.
+    W8A16,
+    /// int8 weights and activations.
+    A8W8,
+}
+
+impl LinearKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Float => "float",
+            Self::W8A16 => "w8a16",
+            Self::A8W8 => "a8w8",
+        }
+    }
+}
+
+/// The rule for the linear merging `modules` in decoder layer `layer` (`None`: lm_head): float
+/// when the layer is a float layer or any merged module is in `modules_to_not_convert`;
+/// otherwise A8W8 when activations are int8 in a decoder layer (lm_head's input range is not
+/// calibrated, so it never runs A8W8), W8A16 when only weights are int8.
+pub fn linear_kind(q: &QuantConfig, layer: Option<usize>, modules: &[String]) -> LinearKind {
+    let converted = q.weight_dtype == QuantDtype::Int8
+        && layer.is_none_or(|l| q.quantizes_layer(l))
+        && modules.iter().all(|m| q.converts_module(m));
+    match converted {
+        false => LinearKind::Float,
+        true if layer.is_some() && q.activation_dtype == QuantDtype::Int8 => LinearKind::A8W8,
+        true => LinearKind::W8A16,
+    }
+}
+
+/// Whether decoder layer `layer`'s cache is int8.
+pub fn int8_kv_cache(q: &QuantConfig, layer: usize) -> bool {
+    q.kvcache_dtype == QuantDtype::Int8 && q.quantizes_layer(layer)
+}
+
+fn uses_int8_activations(q: &QuantConfig, layer: usize, modules: &[String]) -> bool {
+    linear_kind(q, Some(layer), modules) == LinearKind::A8W8
+}
+
+/// One (possibly merged) linear in the form [`linear_kind`] gives; A8W8 takes the calibrated
+/// per-tensor `input_range` (after folding).
+fn prepare_linear(
+    q: &QuantConfig,
+    layer: Option<usize>,
+    modules: &[String],
+    weight: Tensor,
+    bias: Option<Tensor>,
+    input_range: Option<(f32, f32)>,
+) -> Result<HostLinear> {
+    match (linear_kind(q, layer, modules), input_range) {
+        (LinearKind::Float, _) => Ok(HostLinear::Float { weight, bias }),
+        (LinearKind::A8W8, Some((lo, hi))) => Ok(HostLinear::Int8(quantize_linear(&weight, bias.as_ref(), lo, hi)?)),
+        (LinearKind::A8W8, None) => Err(ModelError::UnsupportedConfig(format!(
+            "{}: int8 activations need a calibrated input range",
+            modules.join("+")
+        ))),
+        (LinearKind::W8A16, _) => {
+            let (out_features, in_features) = weight.dims2()?;
+            let (w_q, scale) = candle_ascend_ops::rtn_quantize_weight(&weight)?;
+            Ok(HostLinear::Int8Weight { w_q, out_features, in_features, scale, bias })
+        }
+    }
+}
+
+/// The whole model in prepared form (e.g. to save as a quantized checkpoint).
+pub fn quantize_model(
+    weights: &Weights,
+    config: &ModelConfig,
+    quant: &QuantConfig,
+    calibration: Option<&Calibration>,
+) -> Result<PreparedModel> {
+    check_plan(quant, config, calibration)?;
+    config.validate()?;
+    let c = config;
+    let embed_tokens = weights.get_with_shape("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+    let lm_head = prepare_lm_head(crate::model::lm_head_weight(weights, c, &embed_tokens)?, Some(quant))?;
+    let layers = (0..c.num_layers)
+        .map(|i| prepare_layer(weights, c, i, Some(quant), calibration))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(PreparedModel {
+        config: c.clone(),
+        quant: Some(quant.clone()),
+        embed_tokens,
+        final_norm: weights.get_with_shape("model.norm.weight", &[c.hidden_size])?,
+        lm_head,
+        layers,
+    })
+}
