@@ -2,6 +2,14 @@
 //! in the same run), on 1 and 2 rayon threads. Medians over repeated calls after a warm-up.
 //!
 //! `cargo run --release -p candle-ascend-ops --example attention_bench`
+//!
+//! With the argument `int8`: decode over int8 KV caches against the same call over f16 caches
+//! (f16 queries in both; the peer measured in the same run, interleaved per shape), on the
+//! default rayon pool: B = 1 and 16, kv_len 512 to 2048 in a 2048-slot cache, Qwen2.5-0.5B's
+//! 14/2 heads and SmolLM2's 9/3, D = 64. Prints both times, the int8 / f16 time ratio and the
+//! effective bandwidth (bytes of K + V read per second).
+//!
+//! `cargo run --release -p candle-ascend-ops --example attention_bench -- int8`
 
 use std::time::Duration;
 
@@ -16,7 +24,51 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+fn int8_decode() -> Result<()> {
+    use candle_ascend_ops::{Int8KvCache, decode_attention, decode_attention_int8, kv_write_int8};
+    let mut rng = Rng::seeded(42);
+    let (d, capacity) = (64, 2048);
+    println!("rayon threads: {}", rayon::current_num_threads());
+    for (heads, kv_heads) in [(14, 2), (9, 3)] {
+        let scale = 1.0 / (d as f32).sqrt();
+        for batch in [1, 16] {
+            let k = rng.tensor(&[batch, capacity, kv_heads, d], -2.0, 2.0, DType::F16)?;
+            let v = rng.tensor(&[batch, capacity, kv_heads, d], -1.0, 1.0, DType::F16)?;
+            let params = |rng: &mut Rng| candle_ascend_ops::testing::random_kv_params(rng, kv_heads * d);
+            let mut k8 = Int8KvCache::new(batch, capacity, kv_heads, d, params(&mut rng)?)?;
+            let mut v8 = Int8KvCache::new(batch, capacity, kv_heads, d, params(&mut rng)?)?;
+            kv_write_int8(&mut k8, &k, &vec![0; batch])?;
+            kv_write_int8(&mut v8, &v, &vec![0; batch])?;
+            let q = rng.tensor(&[batch, 1, heads, d], -2.0, 2.0, DType::F16)?;
+            for kv_len in [512, 1024, 2048] {
+                let lens = vec![kv_len; batch];
+                let reps = if batch == 1 { 401 } else { 101 };
+                // Interleaved: f16, int8, f16, int8; the better of each pair of medians.
+                let mut f16_time = Duration::MAX;
+                let mut int8_time = Duration::MAX;
+                for _ in 0..2 {
+                    f16_time = f16_time.min(median(|| decode_attention(&q, &k, &v, &lens, scale), reps)?);
+                    int8_time = int8_time.min(median(|| decode_attention_int8(&q, &k8, &v8, &lens, scale), reps)?);
+                }
+                let elems = (2 * batch * kv_len * kv_heads * d) as f64;
+                println!(
+                    "decode B={batch} kv_len={kv_len} {heads}/{kv_heads} D={d}: f16 cache {:.1} us ({:.1} GB/s), int8 cache {:.1} us ({:.1} GB/s), int8/f16 time x{:.2}",
+                    f16_time.as_secs_f64() * 1e6,
+                    2.0 * elems / f16_time.as_secs_f64() / 1e9,
+                    int8_time.as_secs_f64() * 1e6,
+                    elems / int8_time.as_secs_f64() / 1e9,
+                    int8_time.as_secs_f64() / f16_time.as_secs_f64()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("int8") {
+        return int8_decode();
+    }
     let mut rng = Rng::seeded(42);
     let (heads, kv_heads, d) = (9, 3, 64);
     let scale = 1.0 / (d as f32).sqrt();
