@@ -83,6 +83,11 @@ impl Kernels for Avx512 {
         unsafe { widen::<true>(src.reinterpret_cast(), ld, rows, width, dst) }
     }
 
+    fn widen_i8(self, src: &[i8], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        // SAFETY: the token proves AVX-512F support (see `scores`).
+        unsafe { widen_i8(src, ld, rows, width, dst) }
+    }
+
     fn scores(
         self,
         rows: usize,
@@ -182,6 +187,25 @@ impl Kernels for Avx512 {
                 4 => pv_tile::<E, 4>(p, ldp, nkeys, v, ldv, d, corr, acc),
                 _ => unreachable!("pv tiles have 1..=4 rows, got {rows}"),
             }
+        }
+    }
+}
+
+/// Widens a block of rows of int8 values to f32 (exact).
+#[target_feature(enable = "avx512f")]
+fn widen_i8(src: &[i8], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+    assert!(dst.len() >= rows * width);
+    assert!(rows == 0 || src.len() >= (rows - 1) * ld + width);
+    let full = width / 16 * 16;
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    for r in 0..rows {
+        for t in (0..full).step_by(16) {
+            // SAFETY: t + 16 <= width: r*ld + t + 16 <= src.len() and r*width + t + 16 <=
+            // dst.len() (asserted above).
+            unsafe { _mm512_storeu_ps(dp.add(r * width + t), i8::load16(sp.add(r * ld + t))) };
+        }
+        for t in full..width {
+            dst[r * width + t] = f32::from(src[r * ld + t]);
         }
     }
 }

@@ -79,13 +79,8 @@ impl KvElement for i8 {
         f32::from(self)
     }
 
-    /// Plain loop: only prefill packs int8 rows, once per (sequence, kv head).
-    fn load_f32<K: Kernels>(_: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
-        for (r, row) in dst.chunks_exact_mut(width).take(rows).enumerate() {
-            for (o, &x) in row.iter_mut().zip(&src[r * ld..r * ld + width]) {
-                *o = f32::from(x);
-            }
-        }
+    fn load_f32<K: Kernels>(kern: K, src: &[Self], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        kern.widen_i8(src, ld, rows, width, dst);
     }
 }
 
@@ -147,6 +142,9 @@ pub(crate) trait Kernels: Copy + Send + Sync {
     /// [`Kernels::widen_f16`] for bf16 storage.
     fn widen_bf16(self, src: &[bf16], ld: usize, rows: usize, width: usize, dst: &mut [f32]);
 
+    /// [`Kernels::widen_f16`] for int8 storage (exact).
+    fn widen_i8(self, src: &[i8], ld: usize, rows: usize, width: usize, dst: &mut [f32]);
+
     /// `acc[r*d + t] = acc[r*d + t] * corr[r] + sum_{j < nkeys} p[r*ldp + j] * v[j*ldv + t]`
     /// (`v` in its storage dtype, widened on load).
     fn pv<E: KvElement>(
@@ -200,6 +198,14 @@ impl Kernels for Portable {
     fn widen_bf16(self, src: &[bf16], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
         for (r, row) in dst.chunks_exact_mut(width).take(rows).enumerate() {
             src[r * ld..r * ld + width].convert_to_f32_slice(row);
+        }
+    }
+
+    fn widen_i8(self, src: &[i8], ld: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        for (r, row) in dst.chunks_exact_mut(width).take(rows).enumerate() {
+            for (o, &x) in row.iter_mut().zip(&src[r * ld..r * ld + width]) {
+                *o = f32::from(x);
+            }
         }
     }
 
