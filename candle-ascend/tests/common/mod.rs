@@ -1,0 +1,97 @@
+//! Shared by the integration tests: locating ascend-sim (never silently skipped: a test that cannot find it
+//! fails and prints what was searched), loading it once, and the simulator's test hooks.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_ascend::{AscendDevice, Cann, ENV_SIM};
+
+/// Where the simulator is looked for: `CANDLE_ASCEND_SIM`, then next to the test binary (`target/*/deps`, where
+/// cargo puts the cdylib of the `ascend-sim` dev-dependency) and its parent.
+pub fn sim_candidates() -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    if let Some(p) = std::env::var_os(ENV_SIM).filter(|p| !p.is_empty()) {
+        paths.push(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            paths.push(dir.join("libascend_sim.so"));
+        }
+    }
+    paths
+}
+
+pub fn sim_path() -> PathBuf {
+    let candidates = sim_candidates();
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(p) => p.clone(),
+        None => panic!(
+            "ascend-sim not found; searched: {}. Build it with `cargo build --release -p ascend-sim` or set {ENV_SIM}.",
+            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// The simulator loaded through candle-ascend's loader (once per test process).
+pub fn api() -> &'static Cann {
+    static API: OnceLock<Cann> = OnceLock::new();
+    API.get_or_init(|| Cann::load_sim(&sim_path()).unwrap_or_else(|e| panic!("loading ascend-sim: {e}")))
+}
+
+pub fn device() -> AscendDevice {
+    AscendDevice::with_api(api(), 0).unwrap_or_else(|e| panic!("opening the simulated device: {e}"))
+}
+
+/// The generated loader opened directly on the simulator, for tests that call the C API by hand.
+pub fn raw() -> &'static candle_ascend::sys::Cann {
+    static RAW: OnceLock<candle_ascend::sys::Cann> = OnceLock::new();
+    // SAFETY: loads the simulator library built by this workspace; its initialisers only set up Rust statics.
+    RAW.get_or_init(|| unsafe { candle_ascend::sys::Cann::new(sim_path()) }.expect("open ascend-sim"))
+}
+
+/// The simulator's test hooks (not part of CANN).
+pub struct Hooks {
+    _lib: libloading::Library,
+    pub set_alloc_limit: unsafe extern "C" fn(u64),
+    pub set_failing_op: unsafe extern "C" fn(*const std::ffi::c_char),
+    pub live_device_bytes: unsafe extern "C" fn() -> u64,
+    pub live_handles: unsafe extern "C" fn() -> u64,
+}
+
+pub fn hooks() -> &'static Hooks {
+    static HOOKS: OnceLock<Hooks> = OnceLock::new();
+    HOOKS.get_or_init(|| {
+        // SAFETY: the simulator library (see `raw`); the symbols have the signatures declared in sim/src/hooks.rs.
+        unsafe {
+            let lib = libloading::Library::new(sim_path()).expect("open ascend-sim");
+            let set_alloc_limit = *lib.get(b"ascend_sim_set_alloc_limit\0").expect("hook");
+            let set_failing_op = *lib.get(b"ascend_sim_set_failing_op\0").expect("hook");
+            let live_device_bytes = *lib.get(b"ascend_sim_live_device_bytes\0").expect("hook");
+            let live_handles = *lib.get(b"ascend_sim_live_handles\0").expect("hook");
+            Hooks { _lib: lib, set_alloc_limit, set_failing_op, live_device_bytes, live_handles }
+        }
+    })
+}
+
+/// The recent error message of this thread, through the raw loader.
+pub fn recent_error() -> String {
+    let f = raw().aclGetRecentErrMsg.as_ref().expect("aclGetRecentErrMsg");
+    // SAFETY: no arguments; returns null or a NUL-terminated string valid until the next call.
+    let p = unsafe { f() };
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: non-null and NUL-terminated, copied at once.
+        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+/// Asserts that two float slices agree within `tol` (absolute plus relative to the magnitude).
+pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: got {g}, want {w}");
+    }
+}
