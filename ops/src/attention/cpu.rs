@@ -15,6 +15,10 @@
 //! The caches are read in place in their storage dtype (the kernels widen f16/bf16 on load),
 //! one tile of up to 4 query heads at a time: scores, online softmax and P V for a block of
 //! [`KEY_BLOCK`] keys while it is hot in L1.
+//!
+//! Int8 caches run the same drivers with `i8` as the cache element: the micro-kernels see raw
+//! int8 values widened to f32, and [`KvDequant`] folds the per-channel parameters into the
+//! query (key scales) and into the final store (value offset and scale).
 
 use candle_core::{Device, Layout, Result, Tensor};
 use rayon::prelude::*;
