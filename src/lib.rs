@@ -22,9 +22,11 @@
 
 use anyhow::{Context, Result, bail};
 use candle_ascend_models::backend::CpuBackend;
-use candle_ascend_models::loader::{Checkpoint, TokenizerBundle, Weights, load_checkpoint};
+use candle_ascend_models::loader::{Checkpoint, TokenizerBundle, Weights, load_checkpoint, load_hf_tokenizer};
 pub use candle_ascend_models::quant::QuantConfig;
-use candle_ascend_models::quant::{Calibration, QuantDtype, calibrate};
+use candle_ascend_models::quant::{
+    Calibration, DEFAULT_CALIBRATION_TOKENS, QuantDtype, calibrate, calibration_sequences, checkpoint,
+};
 pub use candle_ascend_models::random::random_weights;
 pub use candle_ascend_models::{
     Architecture, CacheConfig, GenerationOutput, ModelConfig, SamplingConfig, chat, fetch, loader,
@@ -81,10 +83,13 @@ pub struct ModelOptions {
     pub dtype: DType,
     /// Capacity of the fixed KV cache.
     pub cache: CacheConfig,
-    /// Quantization applied at load (e.g. `QuantConfig::preset("w8a16")`); `None` keeps floats.
+    /// Quantization applied at load (e.g. `QuantConfig::preset("a8w8c8")`); `None` keeps
+    /// floats. A quantized checkpoint folder (see `cargo xtask quantize`) needs none: it is
+    /// loaded as saved.
     pub quantize: Option<QuantConfig>,
-    /// Calibration text for schemes with int8 activations (`a8w8`): tokenized and run through
-    /// the float model in chunks of at most 512 tokens before quantizing.
+    /// Calibration text for schemes with int8 activations or KV cache (`a8w8c8`, `a8w8`, `c8`):
+    /// its first 4096 tokens run through the float model in sequences of at most 512 tokens
+    /// before quantizing. `None` uses the MMLU calibration split (fetched on first use).
     pub calibration_text: Option<String>,
 }
 
@@ -110,20 +115,45 @@ impl Model {
     pub fn load(path: &Path, device: &str, options: ModelOptions) -> Result<Self> {
         let device: DeviceSpec = device.parse()?;
         check_device(device)?;
+        if path.is_dir() && checkpoint::is_quantized_checkpoint(path) {
+            return Self::load_quantized(path, device, options);
+        }
         let Checkpoint { config, weights, tokenizer, .. } =
             load_checkpoint(path, options.dtype).with_context(|| format!("loading {}", path.display()))?;
-        let calibration = match (&options.quantize, &options.calibration_text) {
-            (Some(q), Some(text)) if q.activation_dtype == QuantDtype::Int8 => {
-                let ids =
-                    tokenizer.tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
-                let chunks: Vec<Vec<u32>> = ids.get_ids().chunks(512).map(<[u32]>::to_vec).collect();
-                Some(calibrate(&config, &weights, &chunks).context("calibrating")?)
-            }
-            _ => None,
+        let needs_calibration = options
+            .quantize
+            .as_ref()
+            .is_some_and(|q| q.activation_dtype == QuantDtype::Int8 || q.kvcache_dtype == QuantDtype::Int8);
+        let calibration = if needs_calibration {
+            let (sequences, _source) = calibration_sequences(
+                &tokenizer,
+                options.calibration_text.as_deref(),
+                DEFAULT_CALIBRATION_TOKENS,
+                None,
+            )?;
+            Some(calibrate(&config, &weights, &sequences).context("calibrating")?)
+        } else {
+            None
         };
         let mut model = Self::build(config, &weights, device, options, calibration.as_ref())?;
         model.tokenizer = Some(tokenizer);
         Ok(model)
+    }
+
+    /// A quantized checkpoint folder: weights, scales and KV parameters as saved, no calibration.
+    fn load_quantized(path: &Path, device: DeviceSpec, options: ModelOptions) -> Result<Self> {
+        if let Some(q) = &options.quantize {
+            bail!("{} is already a quantized checkpoint; load it without a quantization preset (asked: {q})", path.display());
+        }
+        let prepared = checkpoint::load(path).with_context(|| format!("loading {}", path.display()))?;
+        let tokenizer = load_hf_tokenizer(path, &prepared.config)?;
+        let engine = match device {
+            DeviceSpec::Cpu => {
+                Engine::Cpu(Transformer::from_prepared(CpuBackend::new(options.dtype)?, &prepared, options.cache)?)
+            }
+            other => bail!("device {other} is not available in this build"),
+        };
+        Ok(Self { engine, tokenizer: Some(tokenizer), device })
     }
 
     /// Builds a model from HF-named host weights (no tokenizer).

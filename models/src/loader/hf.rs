@@ -14,14 +14,7 @@ const INDEX: &str = "model.safetensors.index.json";
 pub(super) fn load_hf_folder(dir: &Path, dtype: DType) -> Result<Checkpoint> {
     let config_text = read_required(dir, "config.json")?;
     let mut config = ModelConfig::from_hf_json(&config_text)?;
-    let tokenizer_path = dir.join("tokenizer.json");
-    if !tokenizer_path.is_file() {
-        return Err(missing(&tokenizer_path));
-    }
-    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
-        .map_err(|e| ModelError::BadFile { path: tokenizer_path.clone(), reason: e.to_string() })?;
-    let bundle =
-        TokenizerBundle::new(tokenizer, chat_template(dir)?, config.bos_token_id, config.eos_token_ids.clone());
+    let bundle = load_hf_tokenizer(dir, &config)?;
     config.eos_token_ids = bundle.eos_token_ids.clone();
 
     let mut tensors = HashMap::new();
@@ -45,6 +38,18 @@ pub(super) fn load_hf_folder(dir: &Path, dtype: DType) -> Result<Checkpoint> {
         tokenizer: bundle,
         source: dir.to_path_buf(),
     })
+}
+
+/// The tokenizer of an HF-format folder (`tokenizer.json`, chat template from
+/// `tokenizer_config.json` or `chat_template.jinja`), with `config`'s special ids.
+pub fn load_hf_tokenizer(dir: &Path, config: &ModelConfig) -> Result<TokenizerBundle> {
+    let tokenizer_path = dir.join("tokenizer.json");
+    if !tokenizer_path.is_file() {
+        return Err(missing(&tokenizer_path));
+    }
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| ModelError::BadFile { path: tokenizer_path.clone(), reason: e.to_string() })?;
+    Ok(TokenizerBundle::new(tokenizer, chat_template(dir)?, config.bos_token_id, config.eos_token_ids.clone()))
 }
 
 fn missing(path: &Path) -> ModelError {

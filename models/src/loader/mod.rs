@@ -20,6 +20,7 @@
 
 mod gguf;
 mod hf;
+pub use hf::load_hf_tokenizer;
 mod tokenizer;
 
 pub use gguf::{config_from_gguf, hf_name_for_gguf, permute_qk_like_llama_cpp, unpermute_qk};

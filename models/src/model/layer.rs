@@ -8,6 +8,7 @@ use crate::loader::Weights;
 use candle_core::Tensor;
 
 /// Host f32/f16/bf16 weights of decoder layer `index`.
+#[derive(Debug, Clone)]
 pub struct HostLayer {
     pub index: usize,
     pub input_norm: Tensor,

@@ -224,3 +224,42 @@ impl Backend for Observer {
         self.inner.kv_cache_id(&c.1)
     }
 }
+
+/// Length of the sequences calibration text is cut into (each runs as one prefill).
+pub const CALIBRATION_SEQ_LEN: usize = 512;
+/// Calibration tokens used when the caller gives no budget.
+pub const DEFAULT_CALIBRATION_TOKENS: usize = 4096;
+
+/// Calibration token sequences from `text` (the first `max_tokens` tokens, cut into sequences
+/// of [`CALIBRATION_SEQ_LEN`]), or, when `text` is `None`, from the MMLU calibration split
+/// (`eval::mmlu`, fetched into the cache on first use; disjoint from the held-out text and the
+/// scored items). Returns the sequences and a description of their source. Errors when the
+/// text gives fewer than 16 tokens.
+pub fn calibration_sequences(
+    tokenizer: &crate::loader::TokenizerBundle,
+    text: Option<&str>,
+    max_tokens: usize,
+    cache: Option<&std::path::Path>,
+) -> Result<(Vec<Vec<u32>>, String)> {
+    let (ids, source) = match text {
+        Some(t) => (tokenizer.encode(t)?, "the given calibration text".to_string()),
+        None => {
+            let mmlu = crate::eval::mmlu::Mmlu::fetch(cache).map_err(|e| {
+                ModelError::Fetch(format!(
+                    "the default calibration data (the MMLU calibration split) is unavailable: {e}; \
+                     give a calibration text file instead (--calib FILE)"
+                ))
+            })?;
+            (tokenizer.encode(&mmlu.calibration_text())?, "the MMLU calibration split".to_string())
+        }
+    };
+    let ids = &ids[..ids.len().min(max_tokens)];
+    if ids.len() < 16 {
+        return Err(ModelError::InvalidInput(format!(
+            "the calibration data ({source}) gives {} tokens; calibration needs at least 16",
+            ids.len()
+        )));
+    }
+    let sequences: Vec<Vec<u32>> = ids.chunks(CALIBRATION_SEQ_LEN).map(<[u32]>::to_vec).collect();
+    Ok((sequences, format!("{} tokens of {source}", ids.len())))
+}

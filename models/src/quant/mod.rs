@@ -12,8 +12,11 @@ pub mod a8w8;
 pub mod calibrate;
 pub mod checkpoint;
 pub mod config;
+pub mod fallback;
 pub mod prepare;
 
-pub use calibrate::{Calibration, ChannelRange, calibrate};
+pub use calibrate::{
+    CALIBRATION_SEQ_LEN, Calibration, ChannelRange, DEFAULT_CALIBRATION_TOKENS, calibrate, calibration_sequences,
+};
 pub use config::{OutliersSuppression, QuantConfig, QuantConfigError, QuantDtype, QuantMethod};
 pub use prepare::{prepare_layer, prepare_lm_head, quantize_model};

@@ -35,10 +35,44 @@ pub fn prepare_layer(
     quant: Option<&QuantConfig>,
     calibration: Option<&Calibration>,
 ) -> Result<PreparedLayer> {
+    match quant {
+        None => Ok(PreparedLayer::float(HostLayer::load(weights, config, index)?)),
+        Some(q) => fold(weights, config, index, q, calibration)?.quantize(q),
+    }
+}
+
+/// Layer `index` quantized as `quant` asks, together with the same layer in float after the
+/// SmoothQuant folding (norm gammas and weights rescaled, numerically the float layer): the
+/// pair the fallback search compares linear by linear on the same inputs.
+pub fn prepare_layer_pair(
+    weights: &Weights,
+    config: &ModelConfig,
+    index: usize,
+    quant: &QuantConfig,
+    calibration: Option<&Calibration>,
+) -> Result<(PreparedLayer, PreparedLayer)> {
+    let folded = fold(weights, config, index, quant, calibration)?;
+    let float = PreparedLayer::float(folded.host.clone());
+    Ok((folded.quantize(quant)?, float))
+}
+
+/// A layer after SmoothQuant folding, with what quantizing it needs.
+struct Folded {
+    host: HostLayer,
+    names: [Vec<String>; 4],
+    /// Per-tensor input range of each linear that runs A8W8.
+    ranges: [Option<(f32, f32)>; 4],
+    kv: Option<KvQuant>,
+}
+
+fn fold(
+    weights: &Weights,
+    config: &ModelConfig,
+    index: usize,
+    q: &QuantConfig,
+    calibration: Option<&Calibration>,
+) -> Result<Folded> {
     let mut host = HostLayer::load(weights, config, index)?;
-    let Some(q) = quant else {
-        return Ok(PreparedLayer::float(host));
-    };
     let names = host.module_names();
     let a8w8: [bool; 4] = std::array::from_fn(|m| uses_int8_activations(q, index, &names[m]));
     let calib =
@@ -61,18 +95,26 @@ pub fn prepare_layer(
     } else {
         None
     };
-    let linear = |m: usize, weight: Tensor, bias: Option<Tensor>| {
-        prepare_linear(q, Some(index), &names[m], weight, bias, ranges[m])
-    };
-    Ok(PreparedLayer {
-        qkv: linear(0, host.qkv_w, host.qkv_b)?,
-        o_proj: linear(1, host.o_w, None)?,
-        gate_up: linear(2, host.gate_up_w, None)?,
-        down: linear(3, host.down_w, None)?,
-        input_norm: host.input_norm,
-        post_attention_norm: host.post_attention_norm,
-        kv,
-    })
+    Ok(Folded { host, names, ranges, kv })
+}
+
+impl Folded {
+    fn quantize(self, q: &QuantConfig) -> Result<PreparedLayer> {
+        let Self { host, names, ranges, kv } = self;
+        let index = host.index;
+        let linear = |m: usize, weight: Tensor, bias: Option<Tensor>| {
+            prepare_linear(q, Some(index), &names[m], weight, bias, ranges[m])
+        };
+        Ok(PreparedLayer {
+            qkv: linear(0, host.qkv_w, host.qkv_b)?,
+            o_proj: linear(1, host.o_w, None)?,
+            gate_up: linear(2, host.gate_up_w, None)?,
+            down: linear(3, host.down_w, None)?,
+            input_norm: host.input_norm,
+            post_attention_norm: host.post_attention_norm,
+            kv,
+        })
+    }
 }
 
 /// The lm_head in the form `quant` asks for (int8 weights only when `lm_head` is not in
