@@ -101,10 +101,111 @@ fn swiglu_gates_with_the_first_half() {
 #[test]
 fn operator_support_is_reported_from_symbols() {
     let api = common::api();
-    for op in ["RmsNorm", "AddRmsNorm", "Cast", "SwiGlu"] {
+    for op in [
+        "RmsNorm",
+        "AddRmsNorm",
+        "Cast",
+        "SwiGlu",
+        "Matmul",
+        "Embedding",
+        "ArgMax",
+        "InplaceScatterUpdate",
+        "RotaryPositionEmbedding",
+        "ApplyRotaryPosEmb",
+    ] {
         assert!(api.supports_operator(op), "{op}");
     }
     // Declared but not (yet) implemented by the simulator: unsupported, not a crash.
     assert!(!api.supports_operator("IncreFlashAttentionV4"));
+
     assert!(!api.supports_operator("NoSuchOp"));
+}
+
+#[test]
+fn matmul_with_a_transposed_weight_and_batch_broadcast() {
+    let dev = common::device();
+    let (a, w) = (data(2 * 3 * 4, 0.2), data(5 * 4, 0.8));
+    let at = NpuTensor::from_slice(&dev, &a, &[2, 3, 4]).expect("a");
+    // An (n, k) weight passed as its transposed (k, n) view, shared by both batches.
+    let wt = NpuTensor::from_slice(&dev, &w, &[5, 4]).and_then(|t| t.transpose(0, 1)).expect("w^T");
+    let out = ops::matmul(&at, &wt, ops::CubeMathType::KeepDtype).expect("matmul");
+    assert_eq!(out.shape(), &[2, 3, 5]);
+    let want: Vec<f32> = (0..2 * 3)
+        .flat_map(|r| (0..5).map(move |c| (r, c)))
+        .map(|(r, c)| (0..4).map(|j| a[r * 4 + j] * w[c * 4 + j]).sum())
+        .collect();
+    common::assert_close(&out.to_vec::<f32>().expect("out"), &want, 1e-5, "matmul");
+    let bad = NpuTensor::from_slice(&dev, &w, &[5, 4]).expect("w");
+    assert!(ops::matmul(&at, &bad, ops::CubeMathType::KeepDtype).is_err(), "k mismatch is rejected");
+}
+
+#[test]
+fn embedding_gathers_rows_and_argmax_picks_the_first_maximum() {
+    let dev = common::device();
+    let table: Vec<f32> = (0..5 * 3).map(|v| v as f32).collect();
+    let wt = NpuTensor::from_slice(&dev, &table, &[5, 3]).expect("table");
+    let ids = NpuTensor::from_slice(&dev, &[4i32, 0, 2], &[1, 3]).expect("ids");
+    let rows = ops::embedding(&wt, &ids).expect("embedding");
+    assert_eq!(rows.shape(), &[1, 3, 3]);
+    assert_eq!(rows.to_vec::<f32>().expect("rows"), vec![12., 13., 14., 0., 1., 2., 6., 7., 8.]);
+    let logits = NpuTensor::from_slice(&dev, &[0.1f32, 0.9, 0.9, -1.0, 5.0, 2.0], &[2, 3]).expect("logits");
+    let best = ops::argmax(&logits, 1, false).expect("argmax");
+    assert_eq!(best.to_vec::<i32>().expect("best"), vec![1, 1]);
+    // An id past the vocabulary fails on the simulator (undefined on hardware) and surfaces at the next sync.
+    let bad = NpuTensor::from_slice(&dev, &[7i32], &[1]).expect("bad id");
+    let out = ops::embedding(&wt, &bad).expect("queued");
+    let err = out.to_vec::<f32>().expect_err("reported at synchronisation");
+    assert!(err.to_string().contains("outside [0, 5)"), "{err}");
+}
+
+#[test]
+fn scatter_update_writes_each_row_at_its_own_position() {
+    let dev = common::device();
+    // A (2, 1, 4, 2) cache (batch, heads, positions, dim); write one token per sequence at positions 1 and 3.
+    let cache = NpuTensor::from_slice(&dev, &[0f32; 16], &[2, 1, 4, 2]).expect("cache");
+    let pos = NpuTensor::from_slice(&dev, &[1i64, 3], &[2]).expect("pos");
+    let new = NpuTensor::from_slice(&dev, &[1f32, 2., 3., 4.], &[2, 1, 1, 2]).expect("new");
+    ops::scatter_update_(&cache, &pos, &new, 2).expect("scatter");
+    let want = vec![0., 0., 1., 2., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0., 3., 4.];
+    assert_eq!(cache.to_vec::<f32>().expect("cache"), want);
+    assert!(ops::scatter_update_(&cache, &pos, &new, 0).is_err(), "axis 0 is rejected");
+}
+
+fn rope_reference(x: &[f32], cos: &[f32], sin: &[f32], d: usize) -> Vec<f32> {
+    // x rows of width d, one cos/sin row per row of x (already expanded).
+    x.chunks(d)
+        .zip(cos.chunks(d).zip(sin.chunks(d)))
+        .flat_map(|(row, (c, s))| {
+            (0..d).map(move |j| {
+                let rot = if j < d / 2 { -row[j + d / 2] } else { row[j - d / 2] };
+                row[j] * c[j] + rot * s[j]
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn rope_fused_and_fallback_agree_with_the_reference() {
+    let dev = common::device();
+    let (b, s, nq, nk, d) = (1, 2, 2, 1, 64);
+    let (q, k) = (data(b * s * nq * d, 0.1), data(b * s * nk * d, 0.6));
+    let angles: Vec<f32> = (0..s * d).map(|i| (i / d) as f32 * 0.3 + (i % (d / 2)) as f32 * 0.01).collect();
+    let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.cos(), a.sin())).unzip();
+    let up = |v: &[f32], shape: &[usize]| NpuTensor::from_slice(&dev, v, shape).expect("upload");
+    let (ct, st) = (up(&cos, &[b, s, 1, d]), up(&sin, &[b, s, 1, d]));
+    let expand = |table: &[f32], heads: usize| -> Vec<f32> {
+        table.chunks(d).flat_map(|row| std::iter::repeat_n(row, heads).flatten().copied()).collect()
+    };
+    let want_q = rope_reference(&q, &expand(&cos, nq), &expand(&sin, nq), d);
+    let want_k = rope_reference(&k, &expand(&cos, nk), &expand(&sin, nk), d);
+    // Fused path (D = 64, ApplyRotaryPosEmb present): in place.
+    let (qt, kt) = (up(&q, &[b, s, nq, d]), up(&k, &[b, s, nk, d]));
+    let (qr, kr) = ops::rope_half(&qt, &kt, &ct, &st).expect("rope");
+    common::assert_close(&qr.to_vec::<f32>().expect("q"), &want_q, 1e-5, "q fused");
+    common::assert_close(&kr.to_vec::<f32>().expect("k"), &want_k, 1e-5, "k fused");
+    // The out-of-place operator directly, mode 0.
+    let qt = up(&q, &[b, s, nq, d]);
+    let qo = ops::rotary_position_embedding(&qt, &ct, &st, ops::RotaryMode::Half).expect("rpe");
+    common::assert_close(&qo.to_vec::<f32>().expect("q"), &want_q, 1e-5, "q rpe");
+    assert_eq!(qt.to_vec::<f32>().expect("q unchanged"), q, "out of place");
 }

@@ -14,7 +14,10 @@
 //! - streams run on worker threads, asynchronously and in order; a synchronous host read (aclrtMemcpy from device)
 //!   of memory written by queued work before its stream was synchronised fails with ACL_ERROR_INVALID_PARAM, as do
 //!   synchronous host writes into and aclrtFree of memory that queued work still uses;
-//! - operators validate shapes and dtypes against their documented support and compute in f32 on the host.
+//! - operators validate shapes and dtypes against their documented support and compute in f32 on the host
+//!   (RmsNorm, AddRmsNorm, Cast, SwiGlu, Matmul, Embedding, ArgMax, InplaceScatterUpdate, RotaryPositionEmbedding,
+//!   ApplyRotaryPosEmb); a kernel failure (e.g. an embedding id out of range) is reported by the next
+//!   aclrtSynchronizeStream with ACLNN_ERR_RUNTIME_ERROR.
 //!
 //! Fault injection: `ASCEND_SIM_FAIL_ALLOC_AFTER=N` (aclrtMalloc fails with ACL_ERROR_BAD_ALLOC once more than N
 //! device bytes would be live), `ASCEND_SIM_FAIL_OP=aclnnRmsNorm,...` (phase 1 of those operators fails with

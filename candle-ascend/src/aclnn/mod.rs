@@ -4,6 +4,7 @@
 //! stream), and the safe operator functions ([`ops`]).
 
 pub mod ops;
+pub mod quant;
 
 use crate::error::{Error, Result};
 use crate::loader::{Cann, op_sym, sym};

@@ -1,6 +1,8 @@
 //! One safe function per aclnn operator. Each validates what the Rust side can know (shapes, dtypes), allocates
 //! its outputs from the pool, builds the descriptors and calls [`two_phase`]. The operator itself validates the
-//! rest in phase 1 and reports it through the error. So far: RmsNorm, AddRmsNorm, Cast, SwiGlu.
+//! rest in phase 1 and reports it through the error. So far: RmsNorm, AddRmsNorm, Cast, SwiGlu, Matmul, Embedding,
+//! ArgMax, InplaceScatterUpdate, RotaryPositionEmbedding, ApplyRotaryPosEmb (and the choice between the two).
+//! Operators marked in place write through a shared `&NpuTensor` (a view handle, like a device pointer).
 
 use crate::aclnn::{AclTensor, two_phase};
 use crate::error::{Error, Result};
@@ -132,4 +134,213 @@ pub fn swiglu(x: &NpuTensor, dim: usize) -> Result<NpuTensor> {
     // SAFETY: both descriptors are live for the call; the out-pointers come from two_phase.
     two_phase(device, OP, |ws, ex| unsafe { phase1(xt.as_ptr(), dim, ot.as_ptr(), ws, ex) }, *launch)?;
     Ok(out)
+}
+
+/// aclnnMatmul's `cubeMathType`: how the cube unit treats the inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CubeMathType {
+    /// 0: compute in the input dtype (f32 input is not supported this way on 310P / 910).
+    KeepDtype = 0,
+    /// 1: f32 may run as HF32 (A2/A3) or f16 (310P/910).
+    AllowFp32DownPrecision = 1,
+    /// 2: compute in f16 (not for bf16).
+    UseFp16 = 2,
+    /// 3: compute in HF32.
+    UseHf32 = 3,
+}
+
+/// Matrix product over the last two dims with broadcast batch dims (aclnnMatmul): `a (.., m, k) @ b (.., k, n)`.
+/// f16/bf16/f32, one dtype; a transposed view of `b` (an (n, k) weight) is allowed.
+pub fn matmul(a: &NpuTensor, b: &NpuTensor, math: CubeMathType) -> Result<NpuTensor> {
+    const OP: &str = "aclnnMatmul";
+    float_dtype(OP, a)?;
+    let (ra, rb) = (a.rank(), b.rank());
+    if ra < 2 || rb < 2 || a.shape()[ra - 1] != b.shape()[rb - 2] || a.dtype() != b.dtype() {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            expected: "(.., m, k) @ (.., k, n) of one dtype".to_string(),
+            got: format!("{a:?} @ {b:?}"),
+        });
+    }
+    // Right-aligned broadcast of the batch dims.
+    let (ba, bb) = (&a.shape()[..ra - 2], &b.shape()[..rb - 2]);
+    let n = ba.len().max(bb.len());
+    let dim = |s: &[usize], i: usize| if i + s.len() >= n { s[i + s.len() - n] } else { 1 };
+    let mut shape = Vec::with_capacity(n + 2);
+    for i in 0..n {
+        let (x, y) = (dim(ba, i), dim(bb, i));
+        if x != y && x != 1 && y != 1 {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                expected: "broadcastable batch dims".into(),
+                got: format!("{a:?} @ {b:?}"),
+            });
+        }
+        shape.push(x.max(y));
+    }
+    shape.extend([a.shape()[ra - 2], b.shape()[rb - 1]]);
+    let device = a.device();
+    let out = NpuTensor::uninit(device, a.dtype(), &shape)?;
+    let api = device.api();
+    let phase1 = op_sym!(api, "Matmul", aclnnMatmulGetWorkspaceSize)?;
+    let launch = op_sym!(api, "Matmul", aclnnMatmul)?;
+    let (at, bt, ot) = (AclTensor::new(a)?, AclTensor::new(b)?, AclTensor::new(&out)?);
+    let math = math as i8;
+    // SAFETY: all descriptors are live for the call; the out-pointers come from two_phase.
+    two_phase(device, OP, |ws, ex| unsafe { phase1(at.as_ptr(), bt.as_ptr(), ot.as_ptr(), math, ws, ex) }, *launch)?;
+    Ok(out)
+}
+
+/// Row gather (aclnnEmbedding): `out[i.., :] = weight[ids[i..], :]`; weight (vocab, dim), ids i32/i64.
+/// An id outside the vocabulary is undefined on hardware (the simulator reports it at the next synchronisation).
+pub fn embedding(weight: &NpuTensor, ids: &NpuTensor) -> Result<NpuTensor> {
+    const OP: &str = "aclnnEmbedding";
+    if weight.rank() != 2 {
+        return Err(Error::ShapeMismatch { op: OP, expected: "2-D weight".into(), got: format!("{weight:?}") });
+    }
+    if !matches!(ids.dtype(), DType::I32 | DType::I64) {
+        return Err(Error::UnsupportedDtype { op: OP, dtype: format!("ids {:?}", ids.dtype()) });
+    }
+    let mut shape = ids.shape().to_vec();
+    shape.push(weight.shape()[1]);
+    let device = weight.device();
+    let out = NpuTensor::uninit(device, weight.dtype(), &shape)?;
+    let api = device.api();
+    let phase1 = op_sym!(api, "Embedding", aclnnEmbeddingGetWorkspaceSize)?;
+    let launch = op_sym!(api, "Embedding", aclnnEmbedding)?;
+    let (wt, it, ot) = (AclTensor::new(weight)?, AclTensor::new(ids)?, AclTensor::new(&out)?);
+    // SAFETY: all descriptors are live for the call; the out-pointers come from two_phase.
+    two_phase(device, OP, |ws, ex| unsafe { phase1(wt.as_ptr(), it.as_ptr(), ot.as_ptr(), ws, ex) }, *launch)?;
+    Ok(out)
+}
+
+/// Index of the maximum along `dim` (aclnnArgMax), as i32; the first index wins a tie.
+pub fn argmax(x: &NpuTensor, dim: usize, keepdim: bool) -> Result<NpuTensor> {
+    const OP: &str = "aclnnArgMax";
+    float_dtype(OP, x)?;
+    if dim >= x.rank() {
+        return Err(Error::InvalidArgument(format!("{OP}: no dim {dim} in {x:?}")));
+    }
+    let mut shape = x.shape().to_vec();
+    if keepdim {
+        shape[dim] = 1;
+    } else {
+        shape.remove(dim);
+    }
+    let device = x.device();
+    let out = NpuTensor::uninit(device, DType::I32, &shape)?;
+    let api = device.api();
+    let phase1 = op_sym!(api, "ArgMax", aclnnArgMaxGetWorkspaceSize)?;
+    let launch = op_sym!(api, "ArgMax", aclnnArgMax)?;
+    let (xt, ot) = (AclTensor::new(x)?, AclTensor::new(&out)?);
+    let dim = dim as i64;
+    // SAFETY: both descriptors are live for the call; the out-pointers come from two_phase.
+    two_phase(device, OP, |ws, ex| unsafe { phase1(xt.as_ptr(), dim, keepdim, ot.as_ptr(), ws, ex) }, *launch)?;
+    Ok(out)
+}
+
+/// In place (aclnnInplaceScatterUpdate): for each row `i` of dim 0, `data[i, .., indices[i] + j, ..] =
+/// updates[i, .., j, ..]` along `axis` (not 0). The KV-cache write at per-sequence positions. indices i32/i64 (B,).
+pub fn scatter_update_(data: &NpuTensor, indices: &NpuTensor, updates: &NpuTensor, axis: usize) -> Result<()> {
+    const OP: &str = "aclnnInplaceScatterUpdate";
+    if axis == 0 || axis >= data.rank() || updates.rank() != data.rank() || indices.shape() != [data.shape()[0]] {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            expected: format!(
+                "axis in 1..{}, updates of rank {}, indices [{}]",
+                data.rank(),
+                data.rank(),
+                data.shape()[0]
+            ),
+            got: format!("axis {axis}, updates {updates:?}, indices {indices:?}"),
+        });
+    }
+    let device = data.device();
+    let api = device.api();
+    let phase1 = op_sym!(api, "InplaceScatterUpdate", aclnnInplaceScatterUpdateGetWorkspaceSize)?;
+    let launch = op_sym!(api, "InplaceScatterUpdate", aclnnInplaceScatterUpdate)?;
+    let (dt, it, ut) = (AclTensor::new(data)?, AclTensor::new(indices)?, AclTensor::new(updates)?);
+    let axis = axis as i64;
+    // SAFETY: all descriptors are live for the call; the out-pointers come from two_phase.
+    two_phase(device, OP, |ws, ex| unsafe { phase1(dt.as_ptr(), it.as_ptr(), ut.as_ptr(), axis, ws, ex) }, *launch)
+}
+
+/// Rotation layout of [`rotary_position_embedding`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotaryMode {
+    /// 0: `cat(-x2, x1)` halves (HF llama / qwen2, NeoX).
+    Half = 0,
+    /// 1: `(-x_odd, x_even)` pairs (GPT-J).
+    Interleave = 1,
+}
+
+/// `out = x * cos + rotate(x) * sin` (aclnnRotaryPositionEmbedding). x 4-D (e.g. BSND); cos/sin full width D,
+/// each leading dim 1 or equal to x's.
+pub fn rotary_position_embedding(
+    x: &NpuTensor,
+    cos: &NpuTensor,
+    sin: &NpuTensor,
+    mode: RotaryMode,
+) -> Result<NpuTensor> {
+    const OP: &str = "aclnnRotaryPositionEmbedding";
+    float_dtype(OP, x)?;
+    if x.rank() != 4 || cos.rank() != 4 || cos.shape() != sin.shape() || cos.shape()[3] != x.shape()[3] {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            expected: "4-D x with full-width 4-D cos/sin of one shape".into(),
+            got: format!("x {x:?}, cos {cos:?}, sin {sin:?}"),
+        });
+    }
+    let device = x.device();
+    let out = NpuTensor::uninit(device, x.dtype(), x.shape())?;
+    let api = device.api();
+    let phase1 = op_sym!(api, "RotaryPositionEmbedding", aclnnRotaryPositionEmbeddingGetWorkspaceSize)?;
+    let launch = op_sym!(api, "RotaryPositionEmbedding", aclnnRotaryPositionEmbedding)?;
+    let (xt, ct, st, ot) = (AclTensor::new(x)?, AclTensor::new(cos)?, AclTensor::new(sin)?, AclTensor::new(&out)?);
+    let mode = mode as i64;
+    two_phase(
+        device,
+        OP,
+        // SAFETY: all descriptors are live for the call; the out-pointers come from two_phase.
+        |ws, ex| unsafe { phase1(xt.as_ptr(), ct.as_ptr(), st.as_ptr(), mode, ot.as_ptr(), ws, ex) },
+        *launch,
+    )?;
+    Ok(out)
+}
+
+/// In place half rotation of q (B, S, Nq, D) and k (B, S, Nk, D) with cos/sin (B, S, 1, D)
+/// (aclnnApplyRotaryPosEmb, layout BSND; D 64 or 128).
+pub fn apply_rotary_pos_emb_(q: &NpuTensor, k: &NpuTensor, cos: &NpuTensor, sin: &NpuTensor) -> Result<()> {
+    const OP: &str = "aclnnApplyRotaryPosEmb";
+    let device = q.device();
+    let api = device.api();
+    let phase1 = op_sym!(api, "ApplyRotaryPosEmb", aclnnApplyRotaryPosEmbGetWorkspaceSize)?;
+    let launch = op_sym!(api, "ApplyRotaryPosEmb", aclnnApplyRotaryPosEmb)?;
+    let (qt, kt, ct, st) = (AclTensor::new(q)?, AclTensor::new(k)?, AclTensor::new(cos)?, AclTensor::new(sin)?);
+    const LAYOUT_BSND: i64 = 1;
+    two_phase(
+        device,
+        OP,
+        // SAFETY: all descriptors are live for the call; the out-pointers come from two_phase.
+        |ws, ex| unsafe { phase1(qt.as_ptr(), kt.as_ptr(), ct.as_ptr(), st.as_ptr(), LAYOUT_BSND, ws, ex) },
+        *launch,
+    )
+}
+
+/// Half (HF llama / qwen2) RoPE of q and k in BSND with cos/sin (B, S, 1, D): the fused in-place
+/// aclnnApplyRotaryPosEmb where the loaded CANN has it and D is 64 or 128, otherwise
+/// aclnnRotaryPositionEmbedding (mode 0) on each. Returns the rotated (q, k).
+pub fn rope_half(q: &NpuTensor, k: &NpuTensor, cos: &NpuTensor, sin: &NpuTensor) -> Result<(NpuTensor, NpuTensor)> {
+    let d = q.shape().last().copied().unwrap_or(0);
+    let api = q.device().api();
+    let fused =
+        api.supports_operator("ApplyRotaryPosEmb") && (d == 64 || d == 128) && q.is_contiguous() && k.is_contiguous();
+    if fused {
+        apply_rotary_pos_emb_(q, k, cos, sin)?;
+        return Ok((q.clone(), k.clone()));
+    }
+    Ok((
+        rotary_position_embedding(q, cos, sin, RotaryMode::Half)?,
+        rotary_position_embedding(k, cos, sin, RotaryMode::Half)?,
+    ))
 }

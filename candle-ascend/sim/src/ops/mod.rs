@@ -1,6 +1,11 @@
 //! The operators, computed in f32 on the host. Phase 1 validates shapes and dtypes against each operator's
 //! documented support (cann-facts.md 2.5) and captures tensor snapshots in an executor; phase 2 is the shared
-//! [`launch`]. So far: RmsNorm, AddRmsNorm, Cast, SwiGlu.
+//! [`launch`]. Here: the shared element access, RmsNorm, AddRmsNorm, Cast, SwiGlu; [`matmul`], [`index`]
+//! (Embedding, ArgMax, InplaceScatterUpdate) and [`rope`] hold the rest.
+
+mod index;
+mod matmul;
+mod rope;
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -12,7 +17,7 @@ use crate::nnopbase::{Executor, TensorDesc, dtype_size, finish_phase1, launch, t
 use crate::state::with_state;
 
 /// Byte address of logical element `i` (row-major over the view) of `t`.
-fn element_addr(t: &TensorDesc, mut i: usize) -> usize {
+pub(crate) fn element_addr(t: &TensorDesc, mut i: usize) -> usize {
     let mut at = t.offset;
     for (&d, &s) in t.shape.iter().zip(&t.strides).rev() {
         at += (i % d) * s;
@@ -22,7 +27,7 @@ fn element_addr(t: &TensorDesc, mut i: usize) -> usize {
 }
 
 /// The elements of `t` in row-major order, as f64.
-fn read(t: &TensorDesc) -> Vec<f64> {
+pub(crate) fn read(t: &TensorDesc) -> Vec<f64> {
     (0..t.numel())
         .map(|i| {
             let p = element_addr(t, i);
@@ -46,7 +51,7 @@ fn read(t: &TensorDesc) -> Vec<f64> {
 
 /// Writes `values` (row-major) into `t`, converting to its dtype (floats round to nearest, integers truncate
 /// toward zero and saturate).
-fn write(t: &TensorDesc, values: &[f64]) {
+pub(crate) fn write(t: &TensorDesc, values: &[f64]) {
     for (i, &v) in values.iter().enumerate().take(t.numel()) {
         let p = element_addr(t, i);
         // SAFETY: as in `read`; outputs are device memory that only this queued kernel writes.
@@ -65,11 +70,11 @@ fn write(t: &TensorDesc, values: &[f64]) {
     }
 }
 
-fn is_float(dtype: i32) -> bool {
+pub(crate) fn is_float(dtype: i32) -> bool {
     matches!(dtype, ACL_FLOAT | ACL_FLOAT16 | ACL_BF16)
 }
 
-fn handles(list: &[(*const c_void, &str)]) -> Result<Vec<TensorDesc>, String> {
+pub(crate) fn handles(list: &[(*const c_void, &str)]) -> Result<Vec<TensorDesc>, String> {
     with_state(|s| list.iter().map(|&(h, name)| tensor(s, h, name)).collect())
 }
 
@@ -301,4 +306,13 @@ pub unsafe extern "C" fn aclnnSwiGluGetWorkspaceSize(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn aclnnSwiGlu(ws: *mut c_void, ws_size: u64, executor: *mut c_void, stream: *mut c_void) -> i32 {
     launch("aclnnSwiGlu", ws, ws_size, executor, stream)
+}
+
+/// Row-major strides of a logical shape (elements).
+pub(crate) fn row_major_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
 }
