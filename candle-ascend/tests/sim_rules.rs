@@ -255,3 +255,30 @@ fn operators_reject_shapes_and_dtypes_outside_their_support() {
         }
     }
 }
+
+#[test]
+fn events_order_work_across_streams() {
+    let first = setup();
+    let second = setup();
+    let api = common::raw();
+    let (src, mid, dst) = (malloc(32), malloc(32), malloc(32));
+    let input: Vec<f32> = (10..18).map(|v| v as f32).collect();
+    let mut out = vec![0f32; 8];
+    let mut event = null_mut();
+    // SAFETY: live streams, event and 32-byte buffers; the second stream waits on the event before reading `mid`.
+    unsafe {
+        assert_eq!(f(&api.aclrtCreateEvent)(&mut event), 0);
+        assert_eq!(f(&api.aclrtMemcpyAsync)(src, 32, input.as_ptr().cast(), 32, 1, first), 0);
+        launch_cast(src, mid, first);
+        assert_eq!(f(&api.aclrtRecordEvent)(event, first), 0);
+        assert_eq!(f(&api.aclrtStreamWaitEvent)(second, event), 0);
+        launch_cast(mid, dst, second);
+        assert_eq!(f(&api.aclrtSynchronizeStream)(second), 0);
+        assert_eq!(f(&api.aclrtSynchronizeEvent)(event), 0);
+        assert_eq!(f(&api.aclrtMemcpy)(out.as_mut_ptr().cast(), 32, dst, 32, 2), 0);
+        assert_eq!(f(&api.aclrtDestroyEvent)(event), 0);
+        assert_eq!(f(&api.aclrtDestroyEvent)(event), sys::ACL_ERROR_INVALID_PARAM, "double destroy");
+        assert_eq!(f(&api.aclrtSynchronizeStream)(first), 0);
+    }
+    assert_eq!(out, input);
+}
