@@ -19,6 +19,7 @@ pub mod sys;
 pub use error::{Error, Result};
 pub use loader::{Cann, ENV_LIB_DIR, ENV_SIM, LibrarySource};
 pub use runtime::device::{AscendDevice, Stream};
+pub use runtime::host::{Event, HostStaging, PinnedBuffer};
 pub use runtime::pool::{DeviceBuffer, PoolStats};
 pub use runtime::tensor::{DType, NpuElement, NpuTensor};
 

@@ -128,3 +128,21 @@ fn dtype_enum_values_match_the_contract() {
         assert_eq!(dtype.acl(), value, "{dtype:?}");
     }
 }
+
+#[test]
+fn staged_uploads_reuse_one_pinned_buffer() {
+    let dev = common::device();
+    let mut staging = candle_ascend::HostStaging::new(&dev, 64).expect("staging");
+    let a = NpuTensor::uninit(&dev, DType::I32, &[4]).expect("a");
+    let b = NpuTensor::uninit(&dev, DType::I32, &[2, 4]).and_then(|t| t.narrow(0, 1, 1)).expect("b view");
+    staging.upload(&a, &[1i32, 2, 3, 4]).expect("first upload");
+    // The second upload overwrites the staging buffer only after the first copy has completed.
+    staging.upload(&b, &[5i32, 6, 7, 8]).expect("second upload");
+    assert_eq!(a.to_vec::<i32>().expect("a"), vec![1, 2, 3, 4]);
+    assert_eq!(b.to_vec::<i32>().expect("b"), vec![5, 6, 7, 8]);
+    assert!(staging.upload(&a, &[1f32; 4]).is_err(), "dtype mismatch");
+    assert!(
+        staging.upload(&NpuTensor::uninit(&dev, DType::I32, &[32]).expect("big"), &[0i32; 32]).is_err(),
+        "capacity"
+    );
+}

@@ -1,8 +1,10 @@
 //! The safe runtime over the loader: process initialisation (`aclInit` once, tolerating the repeat code),
-//! per-thread device binding, the device and its stream ([`device`]), the stream-ordered memory pool ([`pool`]) and
+//! per-thread device binding, the device and its stream ([`device`]), the stream-ordered memory pool ([`pool`]),
+//! pinned host memory, events and the staged upload path ([`host`]), and
 //! NPU tensors with their conversions from and to candle ([`tensor`]).
 
 pub mod device;
+pub mod host;
 pub mod pool;
 pub mod tensor;
 
