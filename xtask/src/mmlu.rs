@@ -42,6 +42,10 @@ pub struct MmluArgs {
     /// Cache folder for fetched models and data.
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    /// Print the selection (items, prompt tokens, items already cached) and stop before
+    /// building any model.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// One scored item, as a line of the results cache.
@@ -181,6 +185,18 @@ pub fn run(args: MmluArgs) -> Result<()> {
         args.shots
     );
 
+    if args.dry_run {
+        let tokens: Vec<usize> = work.iter().map(|(_, ids)| ids.len()).collect();
+        let total: usize = tokens.iter().sum();
+        println!(
+            "dry run: {} items, {} to score; prompt tokens: total {total}, mean {:.1}, max {}",
+            work.len(),
+            todo.len(),
+            total as f64 / tokens.len().max(1) as f64,
+            tokens.iter().max().unwrap_or(&0)
+        );
+        return Ok(());
+    }
     if !todo.is_empty() {
         let longest = todo.iter().map(|(_, ids)| ids.len()).max().unwrap_or(1);
         let cache = CacheConfig { max_batch: 1, max_seq_len: longest };
@@ -279,23 +295,23 @@ pub fn run(args: MmluArgs) -> Result<()> {
         loaded.identity, args.shots, args.per_subject
     );
     md.push_str(&format!("| subject | items | float % | {preset} % | diff |\n|---|---|---|---|---|\n"));
-    let cell = |x: f64| if has_quant { format!("{x:.1}") } else { "-".into() };
-    let diff = |x: f64| if has_quant { format!("{x:+.1}") } else { "-".into() };
+    let cell = |x: f64, digits: usize| if has_quant { format!("{x:.digits$}") } else { "-".into() };
+    let diff = |x: f64, digits: usize| if has_quant { format!("{x:+.digits$}") } else { "-".into() };
     for (name, t) in &rows {
         md.push_str(&format!(
             "| {name} | {} | {:.1} | {} | {} |\n",
             t.items,
             t.float_pct(),
-            cell(t.quant_pct()),
-            diff(t.quant_pct() - t.float_pct())
+            cell(t.quant_pct(), 1),
+            diff(t.quant_pct() - t.float_pct(), 1)
         ));
     }
     md.push_str(&format!(
         "| **average ({} subjects)** | {} | **{avg_float:.2}** | **{}** | **{}** |\n",
         rows.len(),
         overall.items,
-        cell(avg_quant),
-        diff(avg_quant - avg_float)
+        cell(avg_quant, 2),
+        diff(avg_quant - avg_float, 2)
     ));
     let md_path = out.join("results.md");
     std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
