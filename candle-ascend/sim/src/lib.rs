@@ -16,7 +16,8 @@
 //!   synchronous host writes into and aclrtFree of memory that queued work still uses;
 //! - operators validate shapes and dtypes against their documented support and compute in f32 on the host
 //!   (RmsNorm, AddRmsNorm, Cast, SwiGlu, Matmul, Embedding, ArgMax, InplaceScatterUpdate, RotaryPositionEmbedding,
-//!   ApplyRotaryPosEmb); a kernel failure (e.g. an embedding id out of range) is reported by the next
+//!   ApplyRotaryPosEmb, AscendQuantV3, QuantMatmulV4 (f16 output requires the uint64 packed scale, as on A2),
+//!   WeightQuantBatchMatmulV2); a kernel failure (e.g. an embedding id out of range) is reported by the next
 //!   aclrtSynchronizeStream with ACLNN_ERR_RUNTIME_ERROR.
 //!
 //! Fault injection: `ASCEND_SIM_FAIL_ALLOC_AFTER=N` (aclrtMalloc fails with ACL_ERROR_BAD_ALLOC once more than N
