@@ -143,7 +143,10 @@ impl Model {
     /// A quantized checkpoint folder: weights, scales and KV parameters as saved, no calibration.
     fn load_quantized(path: &Path, device: DeviceSpec, options: ModelOptions) -> Result<Self> {
         if let Some(q) = &options.quantize {
-            bail!("{} is already a quantized checkpoint; load it without a quantization preset (asked: {q})", path.display());
+            bail!(
+                "{} is already a quantized checkpoint; load it without a quantization preset (asked: {q})",
+                path.display()
+            );
         }
         let prepared = checkpoint::load(path).with_context(|| format!("loading {}", path.display()))?;
         let tokenizer = load_hf_tokenizer(path, &prepared.config)?;

@@ -130,9 +130,13 @@ fn damaged_or_mismatched_checkpoints_are_clear_errors() {
 
     // A missing scale names the tensor and why it is needed.
     let dir = fresh("missing-scale");
-    rewrite(&dir, "model.layers.2.mlp.down_proj.deq_scale", None);
+    rewrite(&dir, "model.layers.2.self_attn.o_proj.deq_scale", None);
     let err = checkpoint::load(&dir).unwrap_err().to_string();
-    assert!(err.contains("model.layers.2.mlp.down_proj.deq_scale") && err.contains("a8w8"), "{err}");
+    assert!(err.contains("model.layers.2.self_attn.o_proj.deq_scale") && err.contains("a8w8"), "{err}");
+    let dir = fresh("missing-weight-scale");
+    rewrite(&dir, "model.layers.0.mlp.down_proj.weight_scale", None);
+    let err = checkpoint::load(&dir).unwrap_err().to_string();
+    assert!(err.contains("down_proj.weight_scale") && err.contains("per-token"), "{err}");
 
     // Missing KV parameters.
     let dir = fresh("missing-kv");

@@ -29,7 +29,9 @@ fn presets_have_the_documented_fields() {
         assert_eq!(c.modules_to_not_convert, vec!["lm_head".to_string()], "{name}");
         assert!(c.float_layers.is_empty(), "{name}");
         let alpha = c.algorithm_arg_f64("alpha").unwrap();
-        assert_eq!(alpha, (suppression == Smooth).then_some(0.5), "{name}");
+        assert_eq!(alpha, (suppression == Smooth).then_some(0.8), "{name}");
+        let per_token = if activations == QuantDtype::Int8 { vec!["down_proj".to_string()] } else { vec![] };
+        assert_eq!(c.per_token_modules, per_token, "{name}");
         c.validate().unwrap();
         assert_eq!(c.preset_name(), Some(name));
         assert!(c.to_string().starts_with(&format!("{name}: {}", method.name())), "{c}");
@@ -37,8 +39,8 @@ fn presets_have_the_documented_fields() {
     assert_eq!(QuantConfig::preset(" A8W8C8 ").unwrap(), QuantConfig::preset("a8w8c8").unwrap());
     assert_eq!(
         QuantConfig::preset("a8w8c8").unwrap().to_string(),
-        "a8w8c8: smooth_quant, weights int8, activations int8, kv cache int8, outliers smooth (alpha 0.5), \
-         float modules [lm_head], float layers []"
+        "a8w8c8: smooth_quant, weights int8, activations int8, kv cache int8, outliers smooth (alpha 0.8), \
+         float modules [lm_head], float layers [], per-token activations [down_proj]"
     );
 }
 
@@ -80,7 +82,7 @@ fn invalid_combinations_are_rejected_with_clear_messages() {
         (QuantConfig { float_layers: vec![2, 5, 2], ..w8a16.clone() }, "float_layers lists layer 2 more than once"),
         (
             QuantConfig { modules_to_not_convert: vec!["lm_head".into(), " ".into()], ..w8a16.clone() },
-            "modules_to_not_convert has an empty module name",
+            "modules_to_not_convert or per_token_modules has an empty module name",
         ),
     ];
     for (config, message) in cases {
@@ -107,7 +109,7 @@ fn float_layers_are_checked_against_the_model() {
     c.validate_for(30).unwrap();
     assert_eq!(err_text(c.validate_for(24)), "float_layers lists layer 29, but the model has 24 layers (0..=23)");
     assert!(!c.quantizes_layer(29) && c.quantizes_layer(1));
-    assert!(c.to_string().ends_with("float layers [0, 29]"), "{c}");
+    assert!(c.to_string().ends_with("float layers [0, 29], per-token activations [down_proj]"), "{c}");
     assert!(c.to_string().starts_with("custom: "), "{c}");
 }
 
@@ -168,8 +170,9 @@ fn json_round_trips_through_an_hf_config() {
             "kvcache_dtype": "int8",
             "outliers_suppression": "smooth",
             "modules_to_not_convert": ["lm_head"],
-            "algorithm_args": {"alpha": 0.5},
-            "float_layers": []
+            "algorithm_args": {"alpha": 0.8},
+            "float_layers": [],
+            "per_token_modules": ["down_proj"]
         })
     );
 }
@@ -196,4 +199,14 @@ fn json_defaults_nulls_and_unknown_fields() {
     assert!(QuantConfig::from_hf_config_str("{not json").is_err());
     let mut not_object = json!([1, 2]);
     assert!(QuantConfig::preset("c8").unwrap().write_into_hf_config(&mut not_object).is_err());
+}
+
+#[test]
+fn per_token_modules_need_int8_activations() {
+    let mut c = QuantConfig::preset("w8a16").unwrap();
+    c.per_token_modules = vec!["down_proj".into()];
+    assert!(err_text(c.validate()).contains("per_token_modules needs activation_dtype int8"));
+    let a8w8 = QuantConfig::preset("a8w8").unwrap();
+    assert!(a8w8.per_token_module("model.layers.3.mlp.down_proj"));
+    assert!(!a8w8.per_token_module("model.layers.3.mlp.up_proj"));
 }

@@ -30,6 +30,8 @@ pub enum CpuLinear {
     Int8Weight(ops::WeightQuantLinear),
     /// int8 weights and activations (A8W8) with the static activation parameters.
     Int8 { linear: ops::QuantLinear, act_scale: f32, act_offset: f32 },
+    /// int8 weights, per-token int8 activations quantized at run time, float bias.
+    Int8PerToken { linear: ops::QuantLinear, bias: Option<Tensor> },
 }
 
 /// One layer's fixed K and V caches, `[batch, capacity, kv_heads, head_dim]` each.
@@ -69,6 +71,15 @@ impl Backend for CpuBackend {
                 act_scale: linear.act_scale,
                 act_offset: linear.act_offset,
             },
+            LinearWeights::Int8PerToken { w_q, out_features, in_features, scale, bias } => {
+                if w_q.len() != out_features * in_features {
+                    bail!("int8 weight has {} values for [{out_features}, {in_features}]", w_q.len());
+                }
+                CpuLinear::Int8PerToken {
+                    linear: ops::QuantLinear::new(w_q, &vec![0; out_features], scale)?,
+                    bias: bias.map(|b| b.to_dtype(self.dtype)).transpose()?,
+                }
+            }
         })
     }
 
@@ -119,6 +130,13 @@ impl Backend for CpuBackend {
             CpuLinear::Float(l) => l.forward(x),
             CpuLinear::Int8Weight(l) => l.forward(x),
             CpuLinear::Int8 { linear, act_scale, act_offset } => linear.forward(x, *act_scale, *act_offset),
+            CpuLinear::Int8PerToken { linear, bias } => {
+                let y = linear.forward_per_token(x)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
         }
     }
 
@@ -201,7 +219,7 @@ impl Backend for CpuBackend {
         match w {
             CpuLinear::Float(l) => l.weight_bytes(),
             CpuLinear::Int8Weight(l) => l.weight_bytes(),
-            CpuLinear::Int8 { linear, .. } => linear.weight_bytes(),
+            CpuLinear::Int8 { linear, .. } | CpuLinear::Int8PerToken { linear, .. } => linear.weight_bytes(),
         }
     }
 

@@ -18,6 +18,9 @@ pub enum HostLinear {
     Int8Weight { w_q: Vec<i8>, out_features: usize, in_features: usize, scale: Vec<f32>, bias: Option<Tensor> },
     /// A8W8: int8 weights and static int8 activations.
     Int8(Int8Linear),
+    /// A8W8 with per-token activations quantized at run time: int8 weight `[N, K]`,
+    /// per-output-channel symmetric scale, float bias.
+    Int8PerToken { w_q: Vec<i8>, out_features: usize, in_features: usize, scale: Vec<f32>, bias: Option<Tensor> },
 }
 
 impl HostLinear {
@@ -33,6 +36,13 @@ impl HostLinear {
                 bias: bias.as_ref(),
             },
             Self::Int8(linear) => LinearWeights::Int8 { linear },
+            Self::Int8PerToken { w_q, out_features, in_features, scale, bias } => LinearWeights::Int8PerToken {
+                w_q,
+                out_features: *out_features,
+                in_features: *in_features,
+                scale,
+                bias: bias.as_ref(),
+            },
         }
     }
 
@@ -40,7 +50,8 @@ impl HostLinear {
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match self {
             Self::Float { weight, .. } => weight.dims2(),
-            Self::Int8Weight { out_features, in_features, .. } => Ok((*out_features, *in_features)),
+            Self::Int8Weight { out_features, in_features, .. }
+            | Self::Int8PerToken { out_features, in_features, .. } => Ok((*out_features, *in_features)),
             Self::Int8(l) => Ok((l.out_features, l.in_features)),
         }
     }
@@ -51,6 +62,7 @@ impl HostLinear {
             Self::Float { .. } => "float",
             Self::Int8Weight { .. } => "w8a16",
             Self::Int8(_) => "a8w8",
+            Self::Int8PerToken { .. } => "a8w8 per-token",
         }
     }
 }

@@ -10,7 +10,7 @@
 //! | `model.embed_tokens.weight`, `model.norm.weight`, `*_layernorm.weight` | float | always |
 //! | `<linear>.weight` | float / I8 `[N, K]` | always |
 //! | `<linear>.bias` | float `[N]` | float or W8A16 linear with a bias |
-//! | `<linear>.weight_scale` | F32 `[N]` | W8A16 |
+//! | `<linear>.weight_scale` | F32 `[N]` | W8A16, A8W8 per-token |
 //! | `<linear>.deq_scale`, `<linear>.quant_bias` | F32 / I32 `[N]` | A8W8 |
 //! | `<linear>.input_scale`, `<linear>.input_offset` | F32 `[1]` | A8W8 (`1 / s_x`, zero point) |
 //! | `model.layers.N.self_attn.{k,v}_cache.{scale,offset}` | F32 `[Nkv * D]` | int8 KV cache |
@@ -253,6 +253,13 @@ fn push_linear(out: &mut Vec<(String, Stored)>, name: &str, linear: &HostLinear)
                 out.push((format!("{name}.bias"), Stored::float(b)?));
             }
         }
+        HostLinear::Int8PerToken { w_q, out_features, in_features, scale, bias } => {
+            out.push((format!("{name}.weight"), Stored::i8(w_q, vec![*out_features, *in_features])));
+            out.push((format!("{name}.weight_scale"), Stored::f32(scale)));
+            if let Some(b) = bias {
+                out.push((format!("{name}.bias"), Stored::float(b)?));
+            }
+        }
         HostLinear::Int8(l) => {
             out.push((format!("{name}.weight"), Stored::i8(&l.w_q, vec![l.out_features, l.in_features])));
             out.push((format!("{name}.deq_scale"), Stored::f32(&l.deq_scale)));
@@ -384,6 +391,13 @@ impl Reader<'_> {
                 HostLinear::Float { weight: self.float(&weight_name, &[n, k])?, bias: float_bias(self)? }
             }
             LinearKind::W8A16 => HostLinear::Int8Weight {
+                w_q: self.i8_matrix(&weight_name, (n, k), &why)?,
+                out_features: n,
+                in_features: k,
+                scale: self.f32_vec(&format!("{name}.weight_scale"), n, &why)?,
+                bias: float_bias(self)?,
+            },
+            LinearKind::A8W8PerToken => HostLinear::Int8PerToken {
                 w_q: self.i8_matrix(&weight_name, (n, k), &why)?,
                 out_features: n,
                 in_features: k,

@@ -5,7 +5,8 @@
 //! "quantization_config": {
 //!   "quant_method": "smooth_quant", "weight_dtype": "int8", "activation_dtype": "int8",
 //!   "kvcache_dtype": "int8", "outliers_suppression": "smooth",
-//!   "modules_to_not_convert": ["lm_head"], "algorithm_args": {"alpha": 0.5}, "float_layers": []
+//!   "modules_to_not_convert": ["lm_head"], "algorithm_args": {"alpha": 0.8}, "float_layers": [],
+//!   "per_token_modules": ["down_proj"]
 //! }
 //! ```
 //!
@@ -112,7 +113,9 @@ pub enum QuantConfigError {
     FloatLayerOutOfRange { layer: usize, num_layers: usize },
     #[error("float_layers lists layer {0} more than once")]
     DuplicateFloatLayer(usize),
-    #[error("modules_to_not_convert has an empty module name")]
+    #[error("per_token_modules needs activation_dtype int8 (it chooses how int8 activations are quantized)")]
+    PerTokenWithoutActivations,
+    #[error("modules_to_not_convert or per_token_modules has an empty module name")]
     EmptyModuleName,
     #[error("invalid quantization_config: {0}")]
     Json(String),
@@ -149,6 +152,12 @@ pub struct QuantConfig {
     /// Decoder layers kept entirely in float (all their linears and KV cache).
     #[serde(default)]
     pub float_layers: Vec<usize>,
+    /// Modules (matched like `modules_to_not_convert`) whose int8 activations are quantized
+    /// per token at run time (symmetric, `max|x_row| / 127`) instead of with the static
+    /// per-tensor parameters: inputs whose outliers move from token to token, like the MLP
+    /// down projection's. Needs int8 activations.
+    #[serde(default)]
+    pub per_token_modules: Vec<String>,
 }
 
 fn int8() -> QuantDtype {
@@ -168,14 +177,14 @@ fn suppression_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<OutliersSuppre
 }
 
 /// SmoothQuant's migration strength when `algorithm_args` has no `alpha`.
-pub const DEFAULT_SMOOTH_ALPHA: f64 = 0.5;
+pub const DEFAULT_SMOOTH_ALPHA: f64 = 0.8;
 
 impl QuantConfig {
     /// Names accepted by [`preset`](Self::preset).
     pub const PRESETS: [&'static str; 4] = ["a8w8c8", "a8w8", "w8a16", "c8"];
 
     /// A named configuration (case-insensitive):
-    /// - `a8w8c8`: smooth_quant, int8 weights, activations and KV cache, smooth, alpha 0.5;
+    /// - `a8w8c8`: smooth_quant, int8 weights, activations and KV cache, smooth, alpha 0.8, per-token down_proj activations;
     /// - `a8w8`: the same with a float KV cache;
     /// - `w8a16`: rtn, int8 weights only;
     /// - `c8`: ptq, int8 KV cache only, float linears.
@@ -190,6 +199,7 @@ impl QuantConfig {
             modules_to_not_convert: default_modules_to_not_convert(),
             algorithm_args: Map::from_iter([("alpha".to_string(), Value::from(DEFAULT_SMOOTH_ALPHA))]),
             float_layers: Vec::new(),
+            per_token_modules: vec!["down_proj".to_string()],
         };
         match key.as_str() {
             "" => Err(QuantConfigError::EmptyPresetName),
@@ -201,6 +211,7 @@ impl QuantConfig {
                 kvcache_dtype: QuantDtype::Float,
                 outliers_suppression: OutliersSuppression::None,
                 algorithm_args: Map::new(),
+                per_token_modules: Vec::new(),
                 ..base
             }),
             "c8" => Ok(Self {
@@ -209,6 +220,7 @@ impl QuantConfig {
                 activation_dtype: QuantDtype::Float,
                 outliers_suppression: OutliersSuppression::None,
                 algorithm_args: Map::new(),
+                per_token_modules: Vec::new(),
                 ..base
             }),
             _ => Err(QuantConfigError::UnknownPreset(name.to_string())),
@@ -243,7 +255,10 @@ impl QuantConfig {
                 _ => return Err(QuantConfigError::Alpha(alpha.to_string())),
             }
         }
-        if self.modules_to_not_convert.iter().any(|m| m.trim().is_empty()) {
+        if !self.per_token_modules.is_empty() && self.activation_dtype != QuantDtype::Int8 {
+            return Err(QuantConfigError::PerTokenWithoutActivations);
+        }
+        if self.modules_to_not_convert.iter().chain(&self.per_token_modules).any(|m| m.trim().is_empty()) {
             return Err(QuantConfigError::EmptyModuleName);
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -312,10 +327,13 @@ impl QuantConfig {
     /// false when an entry of `modules_to_not_convert` equals the name, or equals one of its
     /// dot-separated suffixes (`down_proj` or `mlp.down_proj` both keep it in float).
     pub fn converts_module(&self, name: &str) -> bool {
-        !self
-            .modules_to_not_convert
-            .iter()
-            .any(|m| name == m || name.strip_suffix(m.as_str()).is_some_and(|head| head.ends_with('.')))
+        !matches_any(&self.modules_to_not_convert, name)
+    }
+
+    /// Whether module `name`'s int8 activations are quantized per token (`per_token_modules`,
+    /// matched like [`converts_module`](Self::converts_module)).
+    pub fn per_token_module(&self, name: &str) -> bool {
+        matches_any(&self.per_token_modules, name)
     }
 
     /// Parses and validates a `quantization_config` object.
@@ -359,8 +377,13 @@ impl QuantConfig {
     }
 }
 
+/// Whether an entry of `patterns` equals `name` or one of its dot-separated suffixes.
+fn matches_any(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|m| name == m || name.strip_suffix(m.as_str()).is_some_and(|head| head.ends_with('.')))
+}
+
 /// One line, e.g. `a8w8c8: smooth_quant, weights int8, activations int8, kv cache int8,
-/// outliers smooth (alpha 0.5), float modules [lm_head], float layers []`.
+/// outliers smooth (alpha 0.8), float modules [lm_head], float layers []`.
 impl fmt::Display for QuantConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.preset_name().unwrap_or("custom"), self.quant_method.name())?;
@@ -380,6 +403,10 @@ impl fmt::Display for QuantConfig {
         }
         write!(f, ", float modules [{}]", self.modules_to_not_convert.join(", "))?;
         let layers: Vec<String> = self.float_layers.iter().map(|l| l.to_string()).collect();
-        write!(f, ", float layers [{}]", layers.join(", "))
+        write!(f, ", float layers [{}]", layers.join(", "))?;
+        if !self.per_token_modules.is_empty() {
+            write!(f, ", per-token activations [{}]", self.per_token_modules.join(", "))?;
+        }
+        Ok(())
     }
 }

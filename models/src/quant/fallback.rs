@@ -273,13 +273,7 @@ fn lock_err() -> candle_core::Error {
 }
 
 impl Comparing {
-    fn record(
-        slot: &ErrorSums,
-        id: usize,
-        layer: usize,
-        d: f64,
-        r: f64,
-    ) -> candle_core::Result<()> {
+    fn record(slot: &ErrorSums, id: usize, layer: usize, d: f64, r: f64) -> candle_core::Result<()> {
         let mut v = slot.lock().map_err(|_| lock_err())?;
         if v.len() <= id {
             v.resize(id + 1, None);

@@ -140,8 +140,10 @@ pub enum LinearKind {
     Float,
     /// int8 weights, float activations.
     W8A16,
-    /// int8 weights and activations.
+    /// int8 weights and static per-tensor int8 activations.
     A8W8,
+    /// int8 weights and per-token int8 activations quantized at run time.
+    A8W8PerToken,
 }
 
 impl LinearKind {
@@ -150,6 +152,7 @@ impl LinearKind {
             Self::Float => "float",
             Self::W8A16 => "w8a16",
             Self::A8W8 => "a8w8",
+            Self::A8W8PerToken => "a8w8 per-token",
         }
     }
 }
@@ -164,7 +167,9 @@ pub fn linear_kind(q: &QuantConfig, layer: Option<usize>, modules: &[String]) ->
         && modules.iter().all(|m| q.converts_module(m));
     match converted {
         false => LinearKind::Float,
-        true if layer.is_some() && q.activation_dtype == QuantDtype::Int8 => LinearKind::A8W8,
+        true if layer.is_some() && q.activation_dtype == QuantDtype::Int8 => {
+            if modules.iter().any(|m| q.per_token_module(m)) { LinearKind::A8W8PerToken } else { LinearKind::A8W8 }
+        }
         true => LinearKind::W8A16,
     }
 }
@@ -199,6 +204,11 @@ fn prepare_linear(
             let (out_features, in_features) = weight.dims2()?;
             let (w_q, scale) = candle_ascend_ops::rtn_quantize_weight(&weight)?;
             Ok(HostLinear::Int8Weight { w_q, out_features, in_features, scale, bias })
+        }
+        (LinearKind::A8W8PerToken, _) => {
+            let (out_features, in_features) = weight.dims2()?;
+            let (w_q, scale) = candle_ascend_ops::rtn_quantize_weight(&weight)?;
+            Ok(HostLinear::Int8PerToken { w_q, out_features, in_features, scale, bias })
         }
     }
 }

@@ -253,6 +253,53 @@ impl QuantLinear {
         if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
     }
 
+    /// Dynamic per-token (per-row) symmetric activations: each row `x[m]` is quantized with
+    /// its own scale `s[m] = max|x[m, :]| / 127` (1 for an all-zero row, zero point 0) at run
+    /// time, then `y[m, n] = (x_q[m] @ wq[n]^T + bias_q[n]) * deq_scale[n] * s[m]`. Build the
+    /// linear with `deq_scale` = the weight scales and a zero `bias_q` for the usual
+    /// `y = x W^T`; a float bias is added by the caller. Handles activations whose outliers
+    /// move from token to token (e.g. the input of the MLP down projection), where one static
+    /// per-tensor range is too coarse. `x` is `[..., K]` (f32, f16 or bf16); `y` `[..., N]` in
+    /// `x`'s dtype.
+    pub fn forward_per_token(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, k) = rows_and_cols(x, "quant_linear_per_token")?;
+        if k != self.in_features {
+            bail!("quant_linear_per_token: input has {k} features, weight expects {}", self.in_features);
+        }
+        let kernel = self.kernel_for_rows(m);
+        let mut staged = self.staging(m, kernel);
+        let flip = if kernel == QuantKernel::Vnni { 0x80 } else { 0 };
+        let stride = staged.stride;
+        let rows = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let scales: Vec<f32> = rows
+            .chunks_exact(k.max(1))
+            .map(|r| {
+                let absmax = r.iter().fold(0f32, |a, v| a.max(v.abs()));
+                if absmax > 0.0 && absmax.is_finite() { absmax / 127.0 } else { 1.0 }
+            })
+            .collect();
+        let quantize = |(r, out): (usize, &mut [u8])| {
+            pack::quantize_row(&rows[r * k..(r + 1) * k], 1.0 / scales[r], 0.0, flip, out)
+        };
+        if m * k >= 64 * 1024 {
+            staged.data.as_mut_slice().par_chunks_mut(stride).take(m).enumerate().for_each(quantize);
+        } else {
+            staged.data.as_mut_slice().chunks_mut(stride).take(m).enumerate().for_each(quantize);
+        }
+        let mut y = self.gemm_f32(&staged, kernel);
+        let n = self.out_features;
+        let scale_rows = |(row, s): (&mut [f32], &f32)| row.iter_mut().for_each(|v| *v *= s);
+        if m * n >= 64 * 1024 {
+            y.par_chunks_mut(n).zip(scales.par_iter()).for_each(scale_rows);
+        } else {
+            y.chunks_mut(n).zip(scales.iter()).for_each(scale_rows);
+        }
+        let mut shape = x.dims()[..x.rank() - 1].to_vec();
+        shape.push(n);
+        let y = Tensor::from_vec(y, shape, &Device::Cpu)?;
+        if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
+    }
+
     /// Runs the GEMM with the f32 epilogue into a fresh `rows x N` vector (not zero-filled
     /// first: the GEMM writes every element).
     fn gemm_f32(&self, staged: &StagedActivations, kernel: QuantKernel) -> Vec<f32> {

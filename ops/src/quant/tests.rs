@@ -207,3 +207,57 @@ fn bad_input_is_an_error() -> Result<()> {
     }
     Ok(())
 }
+
+/// Per-token dynamic quantization against its definition computed here in f64: each row
+/// quantized with its own `absmax / 127`, exact integer products, then both scales. Rows of
+/// very different magnitudes (token outliers), an all-zero row, every kernel, f32/f16/bf16.
+#[test]
+fn per_token_forward_matches_its_definition() -> Result<()> {
+    let mut rng = Rng::fresh("quant per token");
+    for kernel in QuantKernel::available() {
+        for dtype in FLOAT_DTYPES {
+            for (m, k, n) in [(1, 200, 70), (7, 576, 33), (40, 1536, 64)] {
+                let case = case_id("quant_linear_per_token", dtype, &[m, k, n], kernel.name());
+                let mut x = rng.tensor(&[m, k], -1.0, 1.0, DType::F32)?;
+                // Row magnitudes from 1e-2 to 1e2, and row 0 all zeros when m > 1.
+                let gains: Vec<f32> =
+                    (0..m).map(|r| if m > 1 && r == 0 { 0.0 } else { 10f32.powf(rng.uniform(-2.0, 2.0)) }).collect();
+                x = x.broadcast_mul(&Tensor::from_slice(&gains, (m, 1), &Device::Cpu)?)?.to_dtype(dtype)?;
+                let wq = random_i8(&mut rng, n * k);
+                let s_w: Vec<f32> = (0..n).map(|_| rng.uniform(1e-3, 1e-2)).collect();
+                let layer = QuantLinear::with_kernel(&wq, &vec![0; n], &s_w, kernel)?;
+                let got = layer.forward_per_token(&x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let xs = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                for r in 0..m {
+                    let absmax = xs[r].iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let s = if absmax > 0.0 { absmax / 127.0 } else { 1.0 };
+                    let xq: Vec<i64> = xs[r].iter().map(|&v| quantize_value(v, 1.0 / s, 0.0) as i64).collect();
+                    for c in 0..n {
+                        let acc: i64 = (0..k).map(|i| xq[i] * wq[c * k + i] as i64).sum();
+                        let want = acc as f64 * s_w[c] as f64 * s as f64;
+                        let bound: f64 = (0..k).map(|i| (xq[i] * wq[c * k + i] as i64).abs() as f64).sum::<f64>()
+                            * s_w[c] as f64
+                            * s as f64;
+                        let tol = Tolerance::for_dtype(dtype).relative as f64 * bound.max(1e-30) + 1e-30;
+                        let g = got[r][c] as f64;
+                        if (g - want).abs() > tol {
+                            bail!("{case}: y[{r},{c}] = {g}, definition {want} (tolerance {tol})");
+                        }
+                    }
+                }
+                if m > 1 {
+                    assert!(got[0].iter().all(|&v| v == 0.0), "{case}: an all-zero row must give zeros");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn per_token_forward_rejects_a_wrong_width() -> Result<()> {
+    let layer = QuantLinear::new(&[1i8; 8], &[0, 0], &[1.0, 1.0])?;
+    let err = layer.forward_per_token(&Tensor::ones((3, 5), DType::F32, &Device::Cpu)?).unwrap_err().to_string();
+    assert!(err.contains("quant_linear_per_token") && err.contains("5 features"), "{err}");
+    Ok(())
+}
