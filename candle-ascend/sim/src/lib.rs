@@ -17,7 +17,8 @@
 //! - operators validate shapes and dtypes against their documented support and compute in f32 on the host
 //!   (RmsNorm, AddRmsNorm, Cast, SwiGlu, Matmul, Embedding, ArgMax, InplaceScatterUpdate, RotaryPositionEmbedding,
 //!   ApplyRotaryPosEmb, AscendQuantV3, QuantMatmulV4 (f16 output requires the uint64 packed scale, as on A2),
-//!   WeightQuantBatchMatmulV2); a kernel failure (e.g. an embedding id out of range) is reported by the next
+//!   WeightQuantBatchMatmulV2, PromptFlashAttentionV3, IncreFlashAttentionV4); a fully masked prefill row without
+//!   innerPrecise bit 1 is an error; a kernel failure (e.g. an embedding id out of range) is reported by the next
 //!   aclrtSynchronizeStream with ACLNN_ERR_RUNTIME_ERROR.
 //!
 //! Fault injection: `ASCEND_SIM_FAIL_ALLOC_AFTER=N` (aclrtMalloc fails with ACL_ERROR_BAD_ALLOC once more than N

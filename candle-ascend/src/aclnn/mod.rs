@@ -1,8 +1,9 @@
 //! The aclnn layer: RAII handles over nnopbase objects built from [`NpuTensor`] views ([`AclTensor`],
 //! [`AclTensorList`], which owns its members, [`AclIntArray`]), the one helper through which every two-phase
 //! operator call goes ([`two_phase`]: phase 1, workspace from the stream-ordered pool, phase 2 on the device's
-//! stream), and the safe operator functions ([`ops`]).
+//! stream), and the safe operator functions ([`ops`], [`quant`], [`attention`]).
 
+pub mod attention;
 pub mod ops;
 pub mod quant;
 

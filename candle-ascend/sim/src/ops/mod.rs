@@ -4,6 +4,7 @@
 //! (Embedding, ArgMax, InplaceScatterUpdate), [`rope`] and [`quant`] (AscendQuantV3, QuantMatmulV4,
 //! WeightQuantBatchMatmulV2) hold the rest.
 
+mod attention;
 mod index;
 mod matmul;
 mod quant;
