@@ -202,11 +202,17 @@ pub fn run(args: MmluArgs) -> Result<()> {
         let cache = CacheConfig { max_batch: 1, max_seq_len: longest };
         let (mut float, mut quantized) =
             build_models(&loaded.checkpoint, quant.as_ref(), calibration.as_ref().map(|c| c.0.as_slice()), cache)?;
+        // The models hold their own copies; the host weights are not needed any more.
+        drop(loaded.checkpoint.weights);
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&cache_path)
             .with_context(|| format!("opening {}", cache_path.display()))?;
+        // A line cut by an interrupted write must not swallow the next one.
+        if std::fs::read(&cache_path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n')) {
+            writeln!(file)?;
+        }
         let bar = progress_bar(todo.len() as u64, "items");
         let mut running = Tally::default();
         for s in done.values() {
