@@ -37,7 +37,7 @@ pub struct BenchArgs {
     /// Quantize our engine at load with a preset (e.g. w8a16); the reference stays f32.
     #[arg(long, value_name = "PRESET")]
     pub quantize: Option<String>,
-    /// Calibration text for presets with int8 activations (a8w8).
+    /// Calibration text for presets with int8 activations or KV cache (default: the MMLU calibration split).
     #[arg(long, value_name = "FILE")]
     pub calib: Option<std::path::PathBuf>,
     /// Run a busy process on one core during the measurements (shared-machine behaviour).
@@ -130,14 +130,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let max_batch = args.batches.iter().copied().max().unwrap_or(1);
         let cap = CacheConfig { max_batch, max_seq_len: (args.prompt_len + 1).max(64 + args.decode_steps + 1) };
         let quant = args.quantize.as_deref().map(QuantConfig::preset).transpose()?;
-        let calibration = match (&quant, &args.calib) {
-            (Some(q), Some(file)) if q.activation_dtype == QuantDtype::Int8 => {
-                let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-                let ids = ckpt.tokenizer.encode(&text)?;
-                let chunks: Vec<Vec<u32>> = ids.chunks(512).map(<[u32]>::to_vec).collect();
-                Some(calibrate(&cfg, &ckpt.weights, &chunks)?)
-            }
-            _ => None,
+        let needs_calibration = quant
+            .as_ref()
+            .is_some_and(|q| q.activation_dtype == QuantDtype::Int8 || q.kvcache_dtype == QuantDtype::Int8);
+        let calibration = if needs_calibration {
+            let text = match &args.calib {
+                Some(file) => {
+                    Some(std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?)
+                }
+                None => None,
+            };
+            let (chunks, source) = candle_ascend_models::quant::calibration_sequences(
+                &ckpt.tokenizer,
+                text.as_deref(),
+                candle_ascend_models::quant::DEFAULT_CALIBRATION_TOKENS,
+                args.cache.as_deref(),
+            )?;
+            eprintln!("calibrating on {source}");
+            Some(calibrate(&cfg, &ckpt.weights, &chunks)?)
+        } else {
+            None
         };
         let mut ours = Transformer::new_calibrated(
             CpuBackend::new(DType::F32)?,
