@@ -89,15 +89,18 @@ pub fn smooth_from_maxima(x_absmax: &[f32], w_absmax: &[f32], alpha: f64) -> Vec
 ///   per v row, shared by the query heads of a GQA group), `W_o[:, j] *= s_j`;
 /// - down: the up rows are divided by s (silu(gate) * up is linear in up), `W_down[:, j] *= s_j`.
 ///
-/// The float model is unchanged up to rounding; only the int8 ranges move.
+/// The float model is unchanged up to rounding; only the int8 ranges move. Also returns the
+/// divisor applied to each v row (`Nkv * D`, when o_proj was smoothed): the values written to
+/// the KV cache are divided by it, so their calibrated ranges must be too.
 pub fn fold_layer(
     layer: &mut HostLayer,
     ranges: &[ChannelRange; 4],
     c: &ModelConfig,
     alpha: Option<f64>,
     a8w8: [bool; 4],
-) -> Result<[Option<(f32, f32)>; 4]> {
+) -> Result<([Option<(f32, f32)>; 4], Option<Vec<f32>>)> {
     let mut out = [None; 4];
+    let mut v_divisor = None;
     let (nq, nkv, d, inter) = (c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size);
     if a8w8[0] {
         out[0] = Some(match alpha {
@@ -136,6 +139,7 @@ pub fn fold_layer(
                     layer.qkv_b = Some(scale(b, &rows)?);
                 }
                 layer.o_w = scale_cols(&layer.o_w, &s_o)?;
+                v_divisor = Some(s_v.clone());
                 ranges[1].tensor_range(Some(&s_o))
             }
             None => ranges[1].tensor_range(None),
@@ -164,7 +168,7 @@ pub fn fold_layer(
             None => ranges[3].tensor_range(None),
         });
     }
-    Ok(out)
+    Ok((out, v_divisor))
 }
 
 fn vector_like(t: &Tensor, v: &[f32]) -> Result<Tensor> {

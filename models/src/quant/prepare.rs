@@ -78,20 +78,29 @@ fn fold(
     let calib =
         |what: &str| calibration.ok_or_else(|| ModelError::UnsupportedConfig(format!("{what} need calibration data")));
     let mut ranges: [Option<(f32, f32)>; 4] = [None; 4];
+    let mut v_divisor = None;
     if a8w8.iter().any(|&b| b) {
         let layer_ranges = &calib("int8 activations")?.layers[index];
         let alpha = match q.outliers_suppression {
             OutliersSuppression::Smooth => Some(q.smooth_alpha()?),
             OutliersSuppression::None => None,
         };
-        ranges = fold_layer(&mut host, layer_ranges, config, alpha, a8w8)?;
+        (ranges, v_divisor) = fold_layer(&mut host, layer_ranges, config, alpha, a8w8)?;
     }
     let kv = if int8_kv_cache(q, index) {
         let c = calib("the int8 KV cache")?;
         let [k, v] = c.kv.get(index).ok_or_else(|| {
             ModelError::UnsupportedConfig(format!("the calibration has no K/V ranges for layer {index}"))
         })?;
-        Some(kv_quant(k, v)?)
+        // SmoothQuant divided the v rows (and so the cached values) by `v_divisor`.
+        let v = match &v_divisor {
+            Some(d) => ChannelRange {
+                min: v.min.iter().zip(d).map(|(m, s)| m / s).collect(),
+                max: v.max.iter().zip(d).map(|(m, s)| m / s).collect(),
+            },
+            None => v.clone(),
+        };
+        Some(kv_quant(k, &v)?)
     } else {
         None
     };
