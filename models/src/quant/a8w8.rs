@@ -81,6 +81,9 @@ pub fn smooth_from_maxima(x_absmax: &[f32], w_absmax: &[f32], alpha: f64) -> Vec
         .collect()
 }
 
+/// Per linear the per-tensor input range (A8W8 linears only), and the v-row divisor.
+pub type FoldedRanges = ([Option<(f32, f32)>; 4], Option<Vec<f32>>);
+
 /// Folds SmoothQuant migration scales (when `alpha` is given) into a layer's host weights and
 /// returns the per-tensor input range of each linear that runs A8W8 (`a8w8[m]`), in the order
 /// [qkv, o_proj, gate_up, down]:
@@ -98,7 +101,7 @@ pub fn fold_layer(
     c: &ModelConfig,
     alpha: Option<f64>,
     a8w8: [bool; 4],
-) -> Result<([Option<(f32, f32)>; 4], Option<Vec<f32>>)> {
+) -> Result<FoldedRanges> {
     let mut out = [None; 4];
     let mut v_divisor = None;
     let (nq, nkv, d, inter) = (c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size);
