@@ -64,25 +64,42 @@ fn rows_and_cols(x: &Tensor, op: &str) -> Result<(usize, usize)> {
     Ok((outer.iter().product(), k))
 }
 
-/// Calls `f(row, values)` for each row of `x` (`[..., K]`, f32/f16/bf16, any strides; made
-/// contiguous first when needed) in parallel.
+/// Calls `f(r, values, out)` for each row `r` of `x` (`[..., K]`, f32/f16/bf16, any strides;
+/// made contiguous first when needed) and its `dst_stride`-byte chunk of `dst`, in parallel.
 fn for_each_row<T: Element>(
     x: &Tensor,
     op: &'static str,
     dst: &mut [u8],
     dst_stride: usize,
-    f: impl Fn(&[T], &mut [u8]) + Sync,
+    f: impl Fn(usize, &[T], &mut [u8]) + Sync,
 ) -> Result<()> {
     let (m, k) = rows_and_cols(x, op)?;
     let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
     with_slice::<T, _>(&x, op, |data, layout| {
         let src = &data[layout.start_offset()..layout.start_offset() + m * k];
         if m * k >= 64 * 1024 {
-            dst.par_chunks_mut(dst_stride).take(m).enumerate().for_each(|(r, out)| f(&src[r * k..(r + 1) * k], out));
+            dst.par_chunks_mut(dst_stride).take(m).enumerate().for_each(|(r, out)| f(r, &src[r * k..(r + 1) * k], out));
         } else {
-            dst.chunks_mut(dst_stride).take(m).enumerate().for_each(|(r, out)| f(&src[r * k..(r + 1) * k], out));
+            dst.chunks_mut(dst_stride).take(m).enumerate().for_each(|(r, out)| f(r, &src[r * k..(r + 1) * k], out));
         }
         Ok(())
+    })
+}
+
+/// Per-row symmetric scales `max|x[r, :]| / 127` (1 for an all-zero or non-finite row) of a
+/// contiguous `[m, k]` view of `x`, read in place.
+fn row_scales<T: Element>(x: &Tensor, m: usize, k: usize) -> Result<Vec<f32>> {
+    with_slice::<T, _>(x, "quant_linear_per_token", |data, layout| {
+        let src = &data[layout.start_offset()..layout.start_offset() + m * k];
+        let scale = |row: &[T]| {
+            let absmax = row.iter().fold(0f32, |a, v| a.max(v.to_f32().abs()));
+            if absmax > 0.0 && absmax.is_finite() { absmax / 127.0 } else { 1.0 }
+        };
+        Ok(if m * k >= 64 * 1024 {
+            src.par_chunks(k.max(1)).take(m).map(scale).collect()
+        } else {
+            src.chunks(k.max(1)).take(m).map(scale).collect()
+        })
     })
 }
 
@@ -92,7 +109,7 @@ pub fn quantize(x: &Tensor, scale: f32, offset: f32) -> Result<Int8Matrix> {
     let (rows, cols) = rows_and_cols(x, "quantize")?;
     let mut bytes = vec![0u8; rows * cols];
     if cols > 0 {
-        crate::dispatch_float!(x.dtype(), "quantize", T => for_each_row::<T>(x, "quantize", &mut bytes, cols, |src, out| pack::quantize_row(src, scale, offset, 0, out)))?;
+        crate::dispatch_float!(x.dtype(), "quantize", T => for_each_row::<T>(x, "quantize", &mut bytes, cols, |_, src, out| pack::quantize_row(src, scale, offset, 0, out)))?;
     }
     let data = bytes.into_iter().map(|b| b as i8).collect();
     Ok(Int8Matrix { data, rows, cols })
@@ -245,7 +262,7 @@ impl QuantLinear {
         let mut staged = self.staging(m, kernel);
         let flip = if kernel == QuantKernel::Vnni { 0x80 } else { 0 };
         let stride = staged.stride;
-        crate::dispatch_float!(x.dtype(), "quant_linear", T => for_each_row::<T>(x, "quant_linear", staged.data.as_mut_slice(), stride, |src, out| pack::quantize_row(src, act_scale, act_offset, flip, out)))?;
+        crate::dispatch_float!(x.dtype(), "quant_linear", T => for_each_row::<T>(x, "quant_linear", staged.data.as_mut_slice(), stride, |_, src, out| pack::quantize_row(src, act_scale, act_offset, flip, out)))?;
         let y = self.gemm_f32(&staged, kernel);
         let mut shape = x.dims()[..x.rank() - 1].to_vec();
         shape.push(self.out_features);
@@ -270,22 +287,9 @@ impl QuantLinear {
         let mut staged = self.staging(m, kernel);
         let flip = if kernel == QuantKernel::Vnni { 0x80 } else { 0 };
         let stride = staged.stride;
-        let rows = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let scales: Vec<f32> = rows
-            .chunks_exact(k.max(1))
-            .map(|r| {
-                let absmax = r.iter().fold(0f32, |a, v| a.max(v.abs()));
-                if absmax > 0.0 && absmax.is_finite() { absmax / 127.0 } else { 1.0 }
-            })
-            .collect();
-        let quantize = |(r, out): (usize, &mut [u8])| {
-            pack::quantize_row(&rows[r * k..(r + 1) * k], 1.0 / scales[r], 0.0, flip, out)
-        };
-        if m * k >= 64 * 1024 {
-            staged.data.as_mut_slice().par_chunks_mut(stride).take(m).enumerate().for_each(quantize);
-        } else {
-            staged.data.as_mut_slice().chunks_mut(stride).take(m).enumerate().for_each(quantize);
-        }
+        let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+        let scales = crate::dispatch_float!(x.dtype(), "quant_linear_per_token", T => row_scales::<T>(&x, m, k))?;
+        crate::dispatch_float!(x.dtype(), "quant_linear_per_token", T => for_each_row::<T>(&x, "quant_linear_per_token", staged.data.as_mut_slice(), stride, |r, src, out| pack::quantize_row(src, 1.0 / scales[r], 0.0, flip, out)))?;
         let mut y = self.gemm_f32(&staged, kernel);
         let n = self.out_features;
         let scale_rows = |(row, s): (&mut [f32], &f32)| row.iter_mut().for_each(|v| *v *= s);
