@@ -45,11 +45,13 @@ fn w8a16_smollm2_still_knows_the_capital_of_france() {
 }
 
 #[test]
-fn a8w8_smollm2_calibrated_on_the_readme_still_knows_the_capital_of_france() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+fn a8w8_smollm2_calibrated_on_a_user_text_still_knows_the_capital_of_france() {
+    // A fixed prose file, not a project document: calibrating on the README (markdown tables,
+    // shell commands) gave static activation ranges that broke this answer once the README changed.
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/calibration.txt")).unwrap();
     let options = ModelOptions {
         quantize: Some(candle_ascend_llm::QuantConfig::preset("a8w8").unwrap()),
-        calibration_text: Some(readme),
+        calibration_text: Some(text),
         ..Default::default()
     };
     let mut model = Model::load(&known_model("smollm2-135m-instruct"), "cpu", options).unwrap();
