@@ -47,7 +47,8 @@ pub struct Args {
     pub top_p: Option<f64>,
     #[arg(long, default_value_t = 299_792_458)]
     pub seed: u64,
-    /// Quantize at load with a preset: a8w8c8, a8w8, w8a16 or c8 (--model may also name a
+    /// Quantize at load with a preset: a8w8c8, a8w8, w8a16 or c8, or a JSON file holding a
+    /// `quantization_config` object (--model may also name a
     /// quantized checkpoint folder written by `cargo xtask quantize`, which needs no preset).
     #[arg(long, value_name = "PRESET")]
     pub quantize: Option<String>,
@@ -91,7 +92,7 @@ pub fn run(default_model: &str) -> Result<()> {
     let options = ModelOptions {
         dtype: parse_dtype(&args.dtype)?,
         cache: CacheConfig { max_batch: prompts.len(), max_seq_len: args.max_seq_len },
-        quantize: args.quantize.as_deref().map(QuantConfig::preset).transpose()?,
+        quantize: args.quantize.as_deref().map(QuantConfig::from_arg).transpose()?,
         calibration_text: match &args.calib {
             Some(f) => {
                 Some(std::fs::read_to_string(f).with_context(|| format!("reading calibration text {}", f.display()))?)

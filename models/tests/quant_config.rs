@@ -26,12 +26,16 @@ fn presets_have_the_documented_fields() {
         assert_eq!(c.quant_method, method, "{name}");
         assert_eq!((c.weight_dtype, c.activation_dtype, c.kvcache_dtype), (weights, activations, kv), "{name}");
         assert_eq!(c.outliers_suppression, suppression, "{name}");
-        assert_eq!(c.modules_to_not_convert, vec!["lm_head".to_string()], "{name}");
+        // With int8 activations the lm_head is converted (to W8A16: its input is not calibrated).
+        let float_modules: Vec<String> = if activations == Int8 { vec![] } else { vec!["lm_head".to_string()] };
+        assert_eq!(c.modules_to_not_convert, float_modules, "{name}");
         assert!(c.float_layers.is_empty(), "{name}");
         let alpha = c.algorithm_arg_f64("alpha").unwrap();
         assert_eq!(alpha, (suppression == Smooth).then_some(0.8), "{name}");
-        let per_token = if activations == QuantDtype::Int8 { vec!["down_proj".to_string()] } else { vec![] };
+        let per_token: Vec<String> =
+            if activations == Int8 { ["gate_proj", "up_proj", "down_proj"].map(String::from).to_vec() } else { vec![] };
         assert_eq!(c.per_token_modules, per_token, "{name}");
+        assert_eq!(c.per_token_hadamard, if activations == Int8 { 512 } else { 0 }, "{name}");
         c.validate().unwrap();
         assert_eq!(c.preset_name(), Some(name));
         assert!(c.to_string().starts_with(&format!("{name}: {}", method.name())), "{c}");
@@ -40,7 +44,8 @@ fn presets_have_the_documented_fields() {
     assert_eq!(
         QuantConfig::preset("a8w8c8").unwrap().to_string(),
         "a8w8c8: smooth_quant, weights int8, activations int8, kv cache int8, outliers smooth (alpha 0.8), \
-         float modules [lm_head], float layers [], per-token activations [down_proj]"
+         float modules [], float layers [], per-token activations [gate_proj, up_proj, down_proj] rotated \
+         (Hadamard blocks <= 512)"
     );
 }
 
@@ -109,7 +114,7 @@ fn float_layers_are_checked_against_the_model() {
     c.validate_for(30).unwrap();
     assert_eq!(err_text(c.validate_for(24)), "float_layers lists layer 29, but the model has 24 layers (0..=23)");
     assert!(!c.quantizes_layer(29) && c.quantizes_layer(1));
-    assert!(c.to_string().ends_with("float layers [0, 29], per-token activations [down_proj]"), "{c}");
+    assert!(c.to_string().contains("float layers [0, 29], per-token activations [gate_proj"), "{c}");
     assert!(c.to_string().starts_with("custom: "), "{c}");
 }
 
@@ -169,10 +174,11 @@ fn json_round_trips_through_an_hf_config() {
             "activation_dtype": "int8",
             "kvcache_dtype": "int8",
             "outliers_suppression": "smooth",
-            "modules_to_not_convert": ["lm_head"],
+            "modules_to_not_convert": [],
             "algorithm_args": {"alpha": 0.8},
             "float_layers": [],
-            "per_token_modules": ["down_proj"]
+            "per_token_modules": ["gate_proj", "up_proj", "down_proj"],
+            "per_token_hadamard": 512
         })
     );
 }
@@ -208,5 +214,27 @@ fn per_token_modules_need_int8_activations() {
     assert!(err_text(c.validate()).contains("per_token_modules needs activation_dtype int8"));
     let a8w8 = QuantConfig::preset("a8w8").unwrap();
     assert!(a8w8.per_token_module("model.layers.3.mlp.down_proj"));
-    assert!(!a8w8.per_token_module("model.layers.3.mlp.up_proj"));
+    assert!(a8w8.per_token_module("model.layers.3.mlp.up_proj"));
+    assert!(!a8w8.per_token_module("model.layers.3.self_attn.q_proj"));
+}
+
+#[test]
+fn hadamard_rotation_is_checked() {
+    let a8w8c8 = QuantConfig::preset("a8w8c8").unwrap();
+    for bad in [1, 3, 48, 1000] {
+        let c = QuantConfig { per_token_hadamard: bad, ..a8w8c8.clone() };
+        assert_eq!(
+            err_text(c.validate()),
+            format!("per_token_hadamard must be 0 (off) or a power of two >= 2, got {bad}")
+        );
+    }
+    let c = QuantConfig { per_token_modules: vec![], ..a8w8c8.clone() };
+    assert!(err_text(c.validate()).starts_with("per_token_hadamard rotates the inputs of per_token_modules"));
+    QuantConfig { per_token_hadamard: 0, ..a8w8c8.clone() }.validate().unwrap();
+    QuantConfig { per_token_hadamard: 64, ..a8w8c8 }.validate().unwrap();
+    // Absent from JSON: no rotation.
+    let c = QuantConfig::from_json(&json!({"quant_method": "smooth_quant", "activation_dtype": "int8",
+        "outliers_suppression": "smooth", "per_token_modules": ["down_proj"]}))
+    .unwrap();
+    assert_eq!(c.per_token_hadamard, 0);
 }

@@ -37,7 +37,10 @@ pub use attention::{
 pub use kv_cache::{Int8KvCache, KvQuantParams, kv_write, kv_write_int8, kv_write_int8_reference, kv_write_reference};
 pub use linear::{PackedLinear, linear_reference};
 pub use norm::{add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference};
-pub use quant::{Int8Matrix, QuantKernel, QuantLinear, quant_matmul_reference, quantize, quantize_reference};
+pub use quant::{
+    Int8Matrix, QuantKernel, QuantLinear, hadamard_block, hadamard_rows, quant_matmul_reference, quantize,
+    quantize_reference,
+};
 pub use rope::{rope, rope_reference};
 pub use swiglu::{swiglu, swiglu_reference};
 pub use weight_quant::{WeightQuantLinear, rtn_quantize_weight, weight_quant_linear_reference};

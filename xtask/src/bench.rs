@@ -34,7 +34,8 @@ pub struct BenchArgs {
     /// Skip candle-transformers (our engine only).
     #[arg(long)]
     pub no_reference: bool,
-    /// Quantize our engine at load with a preset (e.g. w8a16); the reference stays f32.
+    /// Quantize our engine at load with a preset (e.g. w8a16) or a quantization_config JSON
+    /// file; the reference stays f32.
     #[arg(long, value_name = "PRESET")]
     pub quantize: Option<String>,
     /// Calibration text for presets with int8 activations or KV cache (default: the MMLU calibration split).
@@ -129,7 +130,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let cfg = ckpt.config.clone();
         let max_batch = args.batches.iter().copied().max().unwrap_or(1);
         let cap = CacheConfig { max_batch, max_seq_len: (args.prompt_len + 1).max(64 + args.decode_steps + 1) };
-        let quant = args.quantize.as_deref().map(QuantConfig::preset).transpose()?;
+        let quant = args.quantize.as_deref().map(QuantConfig::from_arg).transpose()?;
         let needs_calibration = quant
             .as_ref()
             .is_some_and(|q| q.activation_dtype == QuantDtype::Int8 || q.kvcache_dtype == QuantDtype::Int8);
@@ -250,21 +251,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     println!("|---|---|---|---|---|");
     for r in &rows {
-        let (refm, refs) = if r.reference.0.is_empty() {
-            (f64::NAN, "-".to_string())
+        let ours = format!("{:.1} ({})", r.ours.median(), r.ours.spread());
+        let (reference, ratio) = if r.reference.0.is_empty() {
+            ("not measured".to_string(), "-".to_string())
         } else {
-            (r.reference.median(), r.reference.spread())
+            let refm = r.reference.median();
+            (format!("{refm:.1} ({})", r.reference.spread()), format!("{:.2}x", r.ours.median() / refm))
         };
-        println!(
-            "| {} | {} | {:.1} ({}) | {:.1} ({}) | {:.2}x |",
-            r.model,
-            r.metric,
-            r.ours.median(),
-            r.ours.spread(),
-            refm,
-            refs,
-            r.ours.median() / refm
-        );
+        println!("| {} | {} | {ours} | {reference} | {ratio} |", r.model, r.metric);
     }
     println!();
     for (name, bytes, bandwidth) in floors {

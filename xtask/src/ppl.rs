@@ -51,8 +51,8 @@ pub struct PplArgs {
 /// Quantization flags shared by `ppl` and `mmlu`.
 #[derive(clap::Args, Debug)]
 pub struct QuantArgs {
-    /// Quantization preset of the compared model (a8w8c8, a8w8, w8a16, c8), or `none` for the
-    /// float model alone.
+    /// Quantization of the compared model: a preset (a8w8c8, a8w8, w8a16, c8), a JSON file
+    /// with a `quantization_config` object, or `none` for the float model alone.
     #[arg(long, value_name = "PRESET", default_value = "a8w8c8")]
     pub quantize: String,
     /// Calibration text (default: the MMLU calibration split).
@@ -104,7 +104,7 @@ pub fn quant_config(name: &str) -> Result<Option<QuantConfig>> {
     if name.trim().eq_ignore_ascii_case("none") {
         return Ok(None);
     }
-    Ok(Some(QuantConfig::preset(name).with_context(|| format!("--quantize {name}"))?))
+    Ok(Some(QuantConfig::from_arg(name).with_context(|| format!("--quantize {name}"))?))
 }
 
 /// Token ids of `text` without special tokens.

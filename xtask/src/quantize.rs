@@ -19,7 +19,7 @@ pub struct QuantizeArgs {
     /// A known model name, a GGUF file or an HF folder.
     #[arg(long)]
     model: String,
-    /// a8w8c8, a8w8, w8a16 or c8.
+    /// a8w8c8, a8w8, w8a16 or c8, or a JSON file with a `quantization_config` object.
     #[arg(long, default_value = "a8w8c8")]
     preset: String,
     /// SmoothQuant migration strength (0 < alpha < 1).
@@ -47,7 +47,7 @@ pub struct QuantizeArgs {
 }
 
 pub fn run(args: QuantizeArgs) -> Result<()> {
-    let mut quant = QuantConfig::preset(&args.preset)?;
+    let mut quant = QuantConfig::from_arg(&args.preset)?;
     if let Some(alpha) = args.alpha {
         quant.algorithm_args.insert("alpha".into(), serde_json::Value::from(alpha));
         quant.validate().context("--alpha")?;

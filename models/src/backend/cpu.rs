@@ -71,14 +71,15 @@ impl Backend for CpuBackend {
                 act_scale: linear.act_scale,
                 act_offset: linear.act_offset,
             },
-            LinearWeights::Int8PerToken { w_q, out_features, in_features, scale, bias } => {
+            LinearWeights::Int8PerToken { w_q, out_features, in_features, scale, bias, hadamard } => {
                 if w_q.len() != out_features * in_features {
                     bail!("int8 weight has {} values for [{out_features}, {in_features}]", w_q.len());
                 }
-                CpuLinear::Int8PerToken {
-                    linear: ops::QuantLinear::new(w_q, &vec![0; out_features], scale)?,
-                    bias: bias.map(|b| b.to_dtype(self.dtype)).transpose()?,
+                let mut linear = ops::QuantLinear::new(w_q, &vec![0; out_features], scale)?;
+                if hadamard > 0 {
+                    linear = linear.with_input_hadamard(hadamard)?;
                 }
+                CpuLinear::Int8PerToken { linear, bias: bias.map(|b| b.to_dtype(self.dtype)).transpose()? }
             }
         })
     }

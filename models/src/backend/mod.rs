@@ -46,8 +46,17 @@ pub enum LinearWeights<'a> {
     /// A8W8: int8 weights and static per-tensor int8 activations (see `quant::a8w8`).
     Int8 { linear: &'a crate::quant::a8w8::Int8Linear },
     /// A8W8 with per-token symmetric int8 activations quantized at run time:
-    /// `y[m] = (q(x[m]) w_q^T) * scale * s[m] + bias`, `s[m] = max|x[m]| / 127`.
-    Int8PerToken { w_q: &'a [i8], out_features: usize, in_features: usize, scale: &'a [f32], bias: Option<&'a Tensor> },
+    /// `y[m] = (q(x[m]) w_q^T) * scale * s[m] + bias`, `s[m] = max|x[m]| / 127`; with
+    /// `hadamard` > 0, `x[m]` is first rotated by the block Hadamard matrix of that block
+    /// (`w_q` holds the rotated weights).
+    Int8PerToken {
+        w_q: &'a [i8],
+        out_features: usize,
+        in_features: usize,
+        scale: &'a [f32],
+        bias: Option<&'a Tensor>,
+        hadamard: usize,
+    },
 }
 
 /// A compute backend for the shared llama/qwen2 decoder.

@@ -19,8 +19,16 @@ pub enum HostLinear {
     /// A8W8: int8 weights and static int8 activations.
     Int8(Int8Linear),
     /// A8W8 with per-token activations quantized at run time: int8 weight `[N, K]`,
-    /// per-output-channel symmetric scale, float bias.
-    Int8PerToken { w_q: Vec<i8>, out_features: usize, in_features: usize, scale: Vec<f32>, bias: Option<Tensor> },
+    /// per-output-channel symmetric scale, float bias; with `hadamard` > 0 the weight rows
+    /// are the rotated `W H` and inputs are rotated by the same block Hadamard matrix.
+    Int8PerToken {
+        w_q: Vec<i8>,
+        out_features: usize,
+        in_features: usize,
+        scale: Vec<f32>,
+        bias: Option<Tensor>,
+        hadamard: usize,
+    },
 }
 
 impl HostLinear {
@@ -36,13 +44,16 @@ impl HostLinear {
                 bias: bias.as_ref(),
             },
             Self::Int8(linear) => LinearWeights::Int8 { linear },
-            Self::Int8PerToken { w_q, out_features, in_features, scale, bias } => LinearWeights::Int8PerToken {
-                w_q,
-                out_features: *out_features,
-                in_features: *in_features,
-                scale,
-                bias: bias.as_ref(),
-            },
+            Self::Int8PerToken { w_q, out_features, in_features, scale, bias, hadamard } => {
+                LinearWeights::Int8PerToken {
+                    w_q,
+                    out_features: *out_features,
+                    in_features: *in_features,
+                    scale,
+                    bias: bias.as_ref(),
+                    hadamard: *hadamard,
+                }
+            }
         }
     }
 

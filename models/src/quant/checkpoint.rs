@@ -131,7 +131,7 @@ pub fn load(dir: &Path) -> Result<PreparedModel> {
         path: path.clone(),
         reason: format!("not a valid safetensors file: {e}"),
     })?;
-    let mut reader = Reader { file, path: path.clone(), used: BTreeSet::new() };
+    let mut reader = Reader { file, path: path.clone(), used: BTreeSet::new(), hadamard: quant.per_token_hadamard };
     let c = &config;
     let (h, d) = (c.hidden_size, c.head_dim);
     let embed_tokens = reader.float("model.embed_tokens.weight", &[c.vocab_size, h])?;
@@ -253,7 +253,7 @@ fn push_linear(out: &mut Vec<(String, Stored)>, name: &str, linear: &HostLinear)
                 out.push((format!("{name}.bias"), Stored::float(b)?));
             }
         }
-        HostLinear::Int8PerToken { w_q, out_features, in_features, scale, bias } => {
+        HostLinear::Int8PerToken { w_q, out_features, in_features, scale, bias, hadamard: _ } => {
             out.push((format!("{name}.weight"), Stored::i8(w_q, vec![*out_features, *in_features])));
             out.push((format!("{name}.weight_scale"), Stored::f32(scale)));
             if let Some(b) = bias {
@@ -289,6 +289,8 @@ struct Reader<'a> {
     file: SafeTensors<'a>,
     path: PathBuf,
     used: BTreeSet<String>,
+    /// `per_token_hadamard` of the configuration (the stored per-token weights are rotated).
+    hadamard: usize,
 }
 
 impl Reader<'_> {
@@ -403,6 +405,7 @@ impl Reader<'_> {
                 in_features: k,
                 scale: self.f32_vec(&format!("{name}.weight_scale"), n, &why)?,
                 bias: float_bias(self)?,
+                hadamard: super::prepare::hadamard_block_for(self.hadamard, k),
             },
             LinearKind::A8W8 => HostLinear::Int8(Int8Linear {
                 w_q: self.i8_matrix(&weight_name, (n, k), &why)?,

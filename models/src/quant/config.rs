@@ -5,10 +5,14 @@
 //! "quantization_config": {
 //!   "quant_method": "smooth_quant", "weight_dtype": "int8", "activation_dtype": "int8",
 //!   "kvcache_dtype": "int8", "outliers_suppression": "smooth",
-//!   "modules_to_not_convert": ["lm_head"], "algorithm_args": {"alpha": 0.8}, "float_layers": [],
-//!   "per_token_modules": ["down_proj"]
+//!   "modules_to_not_convert": [], "algorithm_args": {"alpha": 0.8}, "float_layers": [],
+//!   "per_token_modules": ["gate_proj", "up_proj", "down_proj"], "per_token_hadamard": 512
 //! }
 //! ```
+//!
+//! `float_layers`, `per_token_modules` and `per_token_hadamard` are this engine's additions.
+//! The lm_head, when converted (not in `modules_to_not_convert`), always gets int8 weights with
+//! float activations (W8A16): its input range is not calibrated.
 //!
 //! Missing fields take the defaults of [`QuantConfig`]'s fields; `null` dtypes mean float and
 //! a `null` outlier suppression means none (MindFormers writes `None` for "not quantized").
@@ -115,6 +119,10 @@ pub enum QuantConfigError {
     DuplicateFloatLayer(usize),
     #[error("per_token_modules needs activation_dtype int8 (it chooses how int8 activations are quantized)")]
     PerTokenWithoutActivations,
+    #[error("per_token_hadamard must be 0 (off) or a power of two >= 2, got {0}")]
+    HadamardBlock(usize),
+    #[error("per_token_hadamard rotates the inputs of per_token_modules, and that list is empty")]
+    HadamardWithoutPerToken,
     #[error("modules_to_not_convert or per_token_modules has an empty module name")]
     EmptyModuleName,
     #[error("invalid quantization_config: {0}")]
@@ -158,6 +166,12 @@ pub struct QuantConfig {
     /// down projection's. Needs int8 activations.
     #[serde(default)]
     pub per_token_modules: Vec<String>,
+    /// Largest block of the Hadamard rotation applied to the per-token modules' inputs and
+    /// weights (`x W^T = (x H)(W H)^T`, H block diagonal; per linear the block is the largest
+    /// power of two at most this dividing its input width); 0 = no rotation. Spreads the few
+    /// huge channels of a token over a block so that its int8 scale fits the rest.
+    #[serde(default)]
+    pub per_token_hadamard: usize,
 }
 
 fn int8() -> QuantDtype {
@@ -176,6 +190,10 @@ fn suppression_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<OutliersSuppre
     Ok(Option::<OutliersSuppression>::deserialize(d)?.unwrap_or(OutliersSuppression::None))
 }
 
+/// The presets' `per_token_hadamard` (measured on SmolLM2 with per-token down_proj: top-1
+/// agreement 93.3% unrotated, 94.3% with blocks of 64, 94.6% with 512).
+pub const DEFAULT_PER_TOKEN_HADAMARD: usize = 512;
+
 /// SmoothQuant's migration strength when `algorithm_args` has no `alpha`.
 pub const DEFAULT_SMOOTH_ALPHA: f64 = 0.8;
 
@@ -184,9 +202,12 @@ impl QuantConfig {
     pub const PRESETS: [&'static str; 4] = ["a8w8c8", "a8w8", "w8a16", "c8"];
 
     /// A named configuration (case-insensitive):
-    /// - `a8w8c8`: smooth_quant, int8 weights, activations and KV cache, smooth, alpha 0.8, per-token down_proj activations;
+    /// - `a8w8c8`: smooth_quant, int8 weights, activations and KV cache; attention linears
+    ///   with static per-tensor activations after smoothing (alpha 0.8); the MLP linears with
+    ///   per-token activations rotated by Hadamard blocks of up to 512; lm_head int8
+    ///   weight-only;
     /// - `a8w8`: the same with a float KV cache;
-    /// - `w8a16`: rtn, int8 weights only;
+    /// - `w8a16`: rtn, int8 weights only (lm_head float, MindFormers' default);
     /// - `c8`: ptq, int8 KV cache only, float linears.
     pub fn preset(name: &str) -> Result<Self, QuantConfigError> {
         let key = name.trim().to_ascii_lowercase();
@@ -196,10 +217,11 @@ impl QuantConfig {
             activation_dtype: QuantDtype::Int8,
             kvcache_dtype: QuantDtype::Int8,
             outliers_suppression: OutliersSuppression::Smooth,
-            modules_to_not_convert: default_modules_to_not_convert(),
+            modules_to_not_convert: Vec::new(),
             algorithm_args: Map::from_iter([("alpha".to_string(), Value::from(DEFAULT_SMOOTH_ALPHA))]),
             float_layers: Vec::new(),
-            per_token_modules: vec!["down_proj".to_string()],
+            per_token_modules: ["gate_proj", "up_proj", "down_proj"].map(String::from).to_vec(),
+            per_token_hadamard: DEFAULT_PER_TOKEN_HADAMARD,
         };
         match key.as_str() {
             "" => Err(QuantConfigError::EmptyPresetName),
@@ -210,8 +232,10 @@ impl QuantConfig {
                 activation_dtype: QuantDtype::Float,
                 kvcache_dtype: QuantDtype::Float,
                 outliers_suppression: OutliersSuppression::None,
+                modules_to_not_convert: default_modules_to_not_convert(),
                 algorithm_args: Map::new(),
                 per_token_modules: Vec::new(),
+                per_token_hadamard: 0,
                 ..base
             }),
             "c8" => Ok(Self {
@@ -219,12 +243,34 @@ impl QuantConfig {
                 weight_dtype: QuantDtype::Float,
                 activation_dtype: QuantDtype::Float,
                 outliers_suppression: OutliersSuppression::None,
+                modules_to_not_convert: default_modules_to_not_convert(),
                 algorithm_args: Map::new(),
                 per_token_modules: Vec::new(),
+                per_token_hadamard: 0,
                 ..base
             }),
             _ => Err(QuantConfigError::UnknownPreset(name.to_string())),
         }
+    }
+
+    /// A command-line `--quantize` value: a preset name, or the path of a JSON file holding a
+    /// `quantization_config` object (or a whole HF `config.json` with one), for configurations
+    /// no preset covers (say, a preset with `float_layers` or another `alpha`).
+    pub fn from_arg(arg: &str) -> Result<Self, QuantConfigError> {
+        let path = std::path::Path::new(arg.trim());
+        let looks_like_file = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        if !looks_like_file {
+            return Self::preset(arg);
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| QuantConfigError::Json(format!("reading {}: {e}", path.display())))?;
+        let value: Value =
+            serde_json::from_str(&text).map_err(|e| QuantConfigError::Json(format!("{}: {e}", path.display())))?;
+        let object = value.get("quantization_config").unwrap_or(&value);
+        Self::from_json(object).map_err(|e| match e {
+            QuantConfigError::Json(m) => QuantConfigError::Json(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 
     /// The preset this configuration equals, if any.
@@ -257,6 +303,12 @@ impl QuantConfig {
         }
         if !self.per_token_modules.is_empty() && self.activation_dtype != QuantDtype::Int8 {
             return Err(QuantConfigError::PerTokenWithoutActivations);
+        }
+        if self.per_token_hadamard != 0 && (self.per_token_hadamard < 2 || !self.per_token_hadamard.is_power_of_two()) {
+            return Err(QuantConfigError::HadamardBlock(self.per_token_hadamard));
+        }
+        if self.per_token_hadamard != 0 && self.per_token_modules.is_empty() {
+            return Err(QuantConfigError::HadamardWithoutPerToken);
         }
         if self.modules_to_not_convert.iter().chain(&self.per_token_modules).any(|m| m.trim().is_empty()) {
             return Err(QuantConfigError::EmptyModuleName);
@@ -406,6 +458,9 @@ impl fmt::Display for QuantConfig {
         write!(f, ", float layers [{}]", layers.join(", "))?;
         if !self.per_token_modules.is_empty() {
             write!(f, ", per-token activations [{}]", self.per_token_modules.join(", "))?;
+        }
+        if self.per_token_hadamard != 0 {
+            write!(f, " rotated (Hadamard blocks <= {})", self.per_token_hadamard)?;
         }
         Ok(())
     }

@@ -11,7 +11,8 @@
 //!    the limit), the quantized model is built and its next-token distributions on the first
 //!    [`EVAL_TOKENS`] calibration tokens are compared with the float model's: the mean KL
 //!    divergence `KL(float || quantized)` in nats per token. The first `j` within the budget is
-//!    chosen; if none is, the limit is taken and the report says the budget was not met.
+//!    chosen; if none is, the trial with the lowest divergence is taken and the report says the
+//!    budget was not met.
 //!
 //! Deterministic for given weights, configuration and calibration data.
 
@@ -65,7 +66,7 @@ impl fmt::Display for FallbackReport {
         for (layers, kl) in &self.trials {
             writeln!(f, "  float layers {layers:?}: mean KL {kl:.4} nats/token")?;
         }
-        let verdict = if self.met { "within" } else { "NOT within (limit reached)" };
+        let verdict = if self.met { "within" } else { "NOT within (best trial taken)" };
         write!(f, "  chosen float layers {:?}: {verdict} the budget of {} nats/token", self.chosen, self.budget)
     }
 }
@@ -138,7 +139,10 @@ pub fn choose_fallback_layers(
     }
     progress.finish_and_clear();
     let met = chosen.is_some();
-    let chosen = chosen.unwrap_or_else(|| trials.last().map(|t| t.0.clone()).unwrap_or_default());
+    // Budget not met: the trial with the lowest error (more float layers do not always help:
+    // the ranking is per layer, the errors of neighbouring layers interact).
+    let chosen = chosen
+        .unwrap_or_else(|| trials.iter().min_by(|a, b| a.1.total_cmp(&b.1)).map(|t| t.0.clone()).unwrap_or_default());
     Ok(FallbackReport { layer_errors, trials, chosen, budget: options.budget, met })
 }
 

@@ -19,6 +19,7 @@
 
 mod amx;
 mod cpu;
+mod hadamard;
 mod pack;
 mod portable;
 mod reference;
@@ -27,6 +28,7 @@ mod simd;
 mod tests;
 mod vnni;
 
+pub use hadamard::{check_hadamard_block, hadamard_block, hadamard_row, hadamard_rows};
 pub use reference::{quant_accumulators_reference, quant_matmul_reference, quantize_reference};
 
 use candle_core::{DType, Device, Result, Tensor, bail};
@@ -103,6 +105,42 @@ fn row_scales<T: Element>(x: &Tensor, m: usize, k: usize) -> Result<Vec<f32>> {
     })
 }
 
+/// The rotated per-token quantization: each row of the contiguous `[m, k]` view of `x` is
+/// copied to f32, rotated by the block Hadamard matrix, then quantized symmetrically with
+/// its own scale `max|row| / 127` (returned) into its staged row.
+fn rotate_and_quantize_rows<T: Element>(
+    x: &Tensor,
+    m: usize,
+    k: usize,
+    block: usize,
+    flip: u8,
+    staged: &mut StagedActivations,
+) -> Result<Vec<f32>> {
+    let stride = staged.stride;
+    let mut scales = vec![1f32; m];
+    with_slice::<T, _>(x, "quant_linear_per_token", |data, layout| {
+        let src = &data[layout.start_offset()..layout.start_offset() + m * k];
+        let one = |buf: &mut Vec<f32>, ((row, out), scale): ((&[T], &mut [u8]), &mut f32)| {
+            buf.clear();
+            buf.extend(row.iter().map(|v| v.to_f32()));
+            hadamard_row(buf, block);
+            let absmax = buf.iter().fold(0f32, |a, v| a.max(v.abs()));
+            *scale = if absmax > 0.0 && absmax.is_finite() { absmax / 127.0 } else { 1.0 };
+            pack::quantize_row(buf, 1.0 / *scale, 0.0, flip, out);
+        };
+        let dst = staged.data.as_mut_slice();
+        if m * k >= 64 * 1024 {
+            let rows = src.par_chunks(k).zip(dst.par_chunks_mut(stride)).zip(scales.par_iter_mut());
+            rows.for_each_init(|| Vec::with_capacity(k), one);
+        } else {
+            let mut buf = Vec::with_capacity(k);
+            src.chunks(k).zip(dst.chunks_mut(stride)).zip(scales.iter_mut()).for_each(|r| one(&mut buf, r));
+        }
+        Ok(())
+    })?;
+    Ok(scales)
+}
+
 /// `q = saturate(round(x * scale + offset))` of `x` `[..., K]` (f32, f16 or bf16, any outer
 /// strides) into an `Int8Matrix` of `prod(...)` rows and `K` columns.
 pub fn quantize(x: &Tensor, scale: f32, offset: f32) -> Result<Int8Matrix> {
@@ -163,6 +201,9 @@ pub struct QuantLinear {
     prefill_kernel: QuantKernel,
     /// Kernel for decode-sized calls.
     decode_kernel: QuantKernel,
+    /// Hadamard block of the per-token path's input rotation (0: none); see
+    /// [`with_input_hadamard`](Self::with_input_hadamard).
+    input_hadamard: usize,
 }
 
 impl std::fmt::Debug for QuantLinear {
@@ -172,6 +213,7 @@ impl std::fmt::Debug for QuantLinear {
             .field("in_features", &self.in_features)
             .field("prefill_kernel", &self.prefill_kernel)
             .field("decode_kernel", &self.decode_kernel)
+            .field("input_hadamard", &self.input_hadamard)
             .finish()
     }
 }
@@ -214,7 +256,23 @@ impl QuantLinear {
             in_features: k,
             prefill_kernel: prefill,
             decode_kernel: decode,
+            input_hadamard: 0,
         })
+    }
+
+    /// Makes [`forward_per_token`](Self::forward_per_token) rotate each input row by the
+    /// block-diagonal Hadamard matrix of `block` (see [`hadamard_rows`]) before quantizing it.
+    /// The weights given to the constructor must already be the rotated `W H`, so that
+    /// `(x H)(W H)^T = x W^T`.
+    pub fn with_input_hadamard(mut self, block: usize) -> Result<Self> {
+        check_hadamard_block(self.in_features, block)?;
+        self.input_hadamard = block;
+        Ok(self)
+    }
+
+    /// The Hadamard block of the input rotation (0: none).
+    pub fn input_hadamard(&self) -> usize {
+        self.input_hadamard
     }
 
     pub fn out_features(&self) -> usize {
@@ -288,8 +346,14 @@ impl QuantLinear {
         let flip = if kernel == QuantKernel::Vnni { 0x80 } else { 0 };
         let stride = staged.stride;
         let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
-        let scales = crate::dispatch_float!(x.dtype(), "quant_linear_per_token", T => row_scales::<T>(&x, m, k))?;
-        crate::dispatch_float!(x.dtype(), "quant_linear_per_token", T => for_each_row::<T>(&x, "quant_linear_per_token", staged.data.as_mut_slice(), stride, |r, src, out| pack::quantize_row(src, 1.0 / scales[r], 0.0, flip, out)))?;
+        let scales = if self.input_hadamard > 1 {
+            let block = self.input_hadamard;
+            crate::dispatch_float!(x.dtype(), "quant_linear_per_token", T => rotate_and_quantize_rows::<T>(&x, m, k, block, flip, &mut staged))?
+        } else {
+            let scales = crate::dispatch_float!(x.dtype(), "quant_linear_per_token", T => row_scales::<T>(&x, m, k))?;
+            crate::dispatch_float!(x.dtype(), "quant_linear_per_token", T => for_each_row::<T>(&x, "quant_linear_per_token", staged.data.as_mut_slice(), stride, |r, src, out| pack::quantize_row(src, 1.0 / scales[r], 0.0, flip, out)))?;
+            scales
+        };
         let mut y = self.gemm_f32(&staged, kernel);
         let n = self.out_features;
         let scale_rows = |(row, s): (&mut [f32], &f32)| row.iter_mut().for_each(|v| *v *= s);

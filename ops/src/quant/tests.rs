@@ -216,8 +216,16 @@ fn per_token_forward_matches_its_definition() -> Result<()> {
     let mut rng = Rng::fresh("quant per token");
     for kernel in QuantKernel::available() {
         for dtype in FLOAT_DTYPES {
-            for (m, k, n) in [(1, 200, 70), (7, 576, 33), (40, 1536, 64)] {
-                let case = case_id("quant_linear_per_token", dtype, &[m, k, n], kernel.name());
+            for ((m, k, n), rotate) in
+                [(1, 200, 70), (7, 576, 33), (40, 1536, 64)].into_iter().flat_map(|s| [(s, false), (s, true)])
+            {
+                let block = if rotate { crate::quant::hadamard_block(k, 512) } else { 0 };
+                let op = if rotate {
+                    format!("quant_linear_per_token_hadamard{block}")
+                } else {
+                    "quant_linear_per_token".into()
+                };
+                let case = case_id(&op, dtype, &[m, k, n], kernel.name());
                 let mut x = rng.tensor(&[m, k], -1.0, 1.0, DType::F32)?;
                 // Row magnitudes from 1e-2 to 1e2, and row 0 all zeros when m > 1.
                 let gains: Vec<f32> =
@@ -225,9 +233,17 @@ fn per_token_forward_matches_its_definition() -> Result<()> {
                 x = x.broadcast_mul(&Tensor::from_slice(&gains, (m, 1), &Device::Cpu)?)?.to_dtype(dtype)?;
                 let wq = random_i8(&mut rng, n * k);
                 let s_w: Vec<f32> = (0..n).map(|_| rng.uniform(1e-3, 1e-2)).collect();
-                let layer = QuantLinear::with_kernel(&wq, &vec![0; n], &s_w, kernel)?;
+                let mut layer = QuantLinear::with_kernel(&wq, &vec![0; n], &s_w, kernel)?;
+                if rotate {
+                    layer = layer.with_input_hadamard(block)?;
+                }
                 let got = layer.forward_per_token(&x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                let xs = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let mut xs = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                if rotate {
+                    // The definition rotates the row first (explicit matrix product in the
+                    // hadamard module's own tests).
+                    xs.iter_mut().for_each(|row| crate::quant::hadamard_row(row, block));
+                }
                 for r in 0..m {
                     let absmax = xs[r].iter().fold(0f32, |a, v| a.max(v.abs()));
                     let s = if absmax > 0.0 { absmax / 127.0 } else { 1.0 };
