@@ -18,8 +18,6 @@ use std::time::Instant;
 
 /// Default model of `ppl` and `mmlu`.
 pub const DEFAULT_MODEL: &str = "qwen2.5-coder-1.5b-instruct";
-/// Longest calibration sequence, in tokens.
-pub const CALIB_SEQ_LEN: usize = 512;
 
 #[derive(clap::Args, Debug)]
 pub struct PplArgs {
@@ -113,7 +111,9 @@ pub fn encode(tokenizer: &TokenizerBundle, text: &str) -> Result<Vec<u32>> {
 }
 
 /// Calibration sequences and their identity (a hash of the token ids), when `quant` needs
-/// calibrated ranges (int8 activations or KV cache).
+/// calibrated ranges (int8 activations or KV cache). Cutting and checking are the library's
+/// (`quant::calibration_sequences`); this only picks the text (`--calib` or the MMLU
+/// calibration split, reusing an already fetched `mmlu`).
 pub fn calibration_sequences(
     args: &QuantArgs,
     quant: Option<&QuantConfig>,
@@ -125,27 +125,19 @@ pub fn calibration_sequences(
     if !needs {
         return Ok(None);
     }
-    let (text, source) = match &args.calib {
-        Some(file) => (
-            std::fs::read_to_string(file).with_context(|| format!("reading calibration text {}", file.display()))?,
-            file.display().to_string(),
-        ),
-        None => {
-            let text = match mmlu {
-                Some(m) => m.calibration_text(),
-                None => Mmlu::fetch(cache)?.calibration_text(),
-            };
-            (text, "the MMLU calibration split".to_string())
+    let text = match (&args.calib, mmlu) {
+        (Some(file), _) => {
+            std::fs::read_to_string(file).with_context(|| format!("reading calibration text {}", file.display()))?
         }
+        (None, Some(m)) => m.calibration_text(),
+        (None, None) => Mmlu::fetch(cache)?.calibration_text(),
     };
-    let mut ids = encode(tokenizer, &text)?;
-    ids.truncate(args.calib_tokens);
-    if ids.len() < 16 {
-        bail!("the calibration text ({source}) gives {} tokens; calibration needs at least 16", ids.len());
-    }
-    let sequences: Vec<Vec<u32>> = ids.chunks(CALIB_SEQ_LEN).map(<[u32]>::to_vec).collect();
+    let (sequences, described) =
+        candle_ascend_models::quant::calibration_sequences(tokenizer, Some(&text), args.calib_tokens, cache)?;
+    let source = args.calib.as_ref().map_or("the MMLU calibration split".to_string(), |f| f.display().to_string());
+    let ids: Vec<u32> = sequences.concat();
     let identity = format!("{:016x}-{}", fnv1a(&ids), ids.len());
-    eprintln!("calibration: {} tokens of {source} in {} sequences", ids.len(), sequences.len());
+    eprintln!("calibration: {} in {} sequences ({source})", described, sequences.len());
     Ok(Some((sequences, identity)))
 }
 
