@@ -1,7 +1,8 @@
 //! Quantized checkpoints: quantize, save, load and get bit-identical logits; damaged or
 //! mismatched checkpoints are clear errors that name what is wrong.
 
-use candle_ascend_models::model::PreparedModel;
+use candle_ascend_models::backend::Backend;
+use candle_ascend_models::model::{HostLinear, PreparedModel};
 use candle_ascend_models::quant::checkpoint::{self, WEIGHTS_FILE};
 use candle_ascend_models::quant::{QuantConfig, calibrate, quantize_model};
 use candle_ascend_models::random::{random_token_ids, random_weights};
@@ -98,6 +99,37 @@ fn the_checkpoint_holds_int8_weights_and_is_much_smaller() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("q/config.json")).unwrap()).unwrap();
     assert_eq!(config["quantization_config"]["float_layers"], serde_json::json!([1]));
     assert_eq!(config["quantization_config"]["kvcache_dtype"], "int8");
+    // Untied qwen2: its own int8 lm_head, and the float embedding table.
+    assert_eq!(file.tensor("lm_head.weight").unwrap().dtype(), safetensors::Dtype::I8);
+    assert_eq!(file.tensor("model.embed_tokens.weight").unwrap().dtype(), safetensors::Dtype::F32);
+}
+
+#[test]
+fn a_tied_int8_lm_head_serves_as_the_embedding_table() {
+    let model = quantized(Architecture::Llama, "a8w8c8");
+    assert!(model.config.tie_word_embeddings);
+    assert!(model.embed_tokens.is_none(), "no float table is kept next to a tied int8 lm_head");
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint::save(&model, None, &dir.path().join("q")).unwrap();
+    let bytes = std::fs::read(dir.path().join("q").join(WEIGHTS_FILE)).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(file.tensor("model.embed_tokens.weight").is_err());
+    assert_eq!(file.tensor("lm_head.weight").unwrap().dtype(), safetensors::Dtype::I8);
+    // The rows the model embeds are the dequantized lm_head rows.
+    let HostLinear::Int8Weight { w_q, in_features, scale, .. } = &model.lm_head else {
+        panic!("lm_head should be int8 weight-only, is {}", model.lm_head.kind());
+    };
+    let be = CpuBackend::new(DType::F32).unwrap();
+    let lm_head = be.prepare_linear(model.lm_head.as_weights()).unwrap();
+    assert!(be.linear_gathers_rows(&lm_head));
+    let ids = [3u32, 0, 17];
+    let rows = be.gather_linear_rows(&lm_head, &ids, 1, 3).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    for (row, &id) in rows.iter().zip(&ids) {
+        let r = id as usize;
+        for (k, v) in row.iter().enumerate() {
+            assert_eq!(*v, w_q[r * in_features + k] as f32 * scale[r], "row {r} col {k}");
+        }
+    }
 }
 
 /// Rewrites the checkpoint's weights without `drop` and with `extra` added.

@@ -158,3 +158,27 @@ fn abs_terms(x: &Tensor, w_q: &[i8], (n, k): (usize, usize), scale: &[f32], offs
     let w = Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
     candle_ascend_ops::linear_reference(&x.abs()?, &w, None)
 }
+
+#[test]
+fn dequantized_rows_are_the_weight_rows() -> Result<()> {
+    let mut rng = Rng::fresh("weight_quant dequantize_rows");
+    for (n, k, with_offset) in [(70, 33, false), (32, 576, true), (5, 1, true)] {
+        let w_q = random_int8(&mut rng, n * k);
+        let (scale, offset) = channel_params(&mut rng, n, with_offset);
+        let layer = WeightQuantLinear::new(&w_q, (n, k), &scale, offset.as_deref(), None)?;
+        let ids: Vec<u32> = (0..9).map(|_| rng.below(n) as u32).chain([0, n as u32 - 1]).collect();
+        let rows = layer.dequantize_rows(&ids)?;
+        for (i, &r) in ids.iter().enumerate() {
+            let r = r as usize;
+            for kk in 0..k {
+                let o = offset.as_ref().map_or(0.0, |o| o[r]);
+                let want = (w_q[r * k + kk] as f32 + o) * scale[r];
+                let got = rows[i * k + kk];
+                assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "[{n},{k}] row {r} col {kk}: {got} vs {want}");
+            }
+        }
+        let err = layer.dequantize_rows(&[n as u32]).unwrap_err().to_string();
+        assert!(err.contains("out of range"), "{err}");
+    }
+    Ok(())
+}

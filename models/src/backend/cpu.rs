@@ -126,6 +126,21 @@ impl Backend for CpuBackend {
         table.index_select(&idx, 0)?.reshape((batch, seq, table.dim(1)?))
     }
 
+    fn linear_gathers_rows(&self, w: &CpuLinear) -> bool {
+        matches!(w, CpuLinear::Int8Weight(_))
+    }
+
+    fn gather_linear_rows(&self, w: &CpuLinear, ids: &[u32], batch: usize, seq: usize) -> Result<Tensor> {
+        let CpuLinear::Int8Weight(l) = w else {
+            bail!("cpu: embedding rows can only be read from an int8-weight (W8A16) linear");
+        };
+        if ids.len() != batch * seq {
+            bail!("cpu: {} ids for batch {batch} x seq {seq}", ids.len());
+        }
+        let rows = l.dequantize_rows(ids)?;
+        Tensor::from_vec(rows, (batch, seq, l.in_features()), &Device::Cpu)?.to_dtype(self.dtype)
+    }
+
     fn linear(&self, x: &Tensor, w: &CpuLinear) -> Result<Tensor> {
         match w {
             CpuLinear::Float(l) => l.forward(x),

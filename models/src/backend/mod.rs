@@ -92,6 +92,16 @@ pub trait Backend: Send + Sync + Sized {
 
     /// Gathers rows of `table` `[V, W]`: `ids` (host, `batch * seq` values) -> `[batch, seq, W]`.
     fn gather_rows(&self, table: &Self::Tensor, ids: &[u32], batch: usize, seq: usize) -> Result<Self::Tensor>;
+    /// Whether [`gather_linear_rows`](Self::gather_linear_rows) can read `w`'s weight rows, so
+    /// that a tied int8 lm_head also serves as the embedding table (no float copy kept).
+    fn linear_gathers_rows(&self, _w: &Self::Linear) -> bool {
+        false
+    }
+    /// Rows `ids` of `w`'s (dequantized) weight `[N, K]` -> `[batch, seq, K]`; only for a
+    /// linear [`linear_gathers_rows`](Self::linear_gathers_rows) accepts.
+    fn gather_linear_rows(&self, _w: &Self::Linear, _ids: &[u32], _batch: usize, _seq: usize) -> Result<Self::Tensor> {
+        candle_core::bail!("{}: this backend cannot read embedding rows from a linear", self.name())
+    }
     fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor>;
     fn rms_norm(&self, x: &Self::Tensor, gamma: &Self::Tensor, eps: f64) -> Result<Self::Tensor>;
     /// Returns (rms_norm(x + residual), x + residual).

@@ -59,7 +59,8 @@ pub struct Transformer<B: Backend> {
     backend: B,
     config: ModelConfig,
     cache_config: CacheConfig,
-    embed_tokens: B::Tensor,
+    /// `None`: a tied int8 lm_head serves as the table (see [`Self::from_layers`]).
+    embed_tokens: Option<B::Tensor>,
     rope_cos: B::Tensor,
     rope_sin: B::Tensor,
     layers: Vec<DecoderLayer<B>>,
@@ -113,7 +114,7 @@ impl<B: Backend> Transformer<B> {
         let lm_head = prepare_lm_head(lm_head_weight(weights, c, &embed)?, quant)?;
         let final_norm = weights.get_with_shape("model.norm.weight", &[c.hidden_size])?;
         let layers = (0..c.num_layers).map(|i| prepare_layer(weights, c, i, quant, calibration));
-        Self::from_layers(backend, config.clone(), cache_config, &embed, &final_norm, &lm_head, layers)
+        Self::from_layers(backend, config.clone(), cache_config, Some(&embed), &final_norm, &lm_head, layers)
     }
 
     /// Builds the model from a prepared (possibly quantized) host model, e.g. a quantized
@@ -124,7 +125,7 @@ impl<B: Backend> Transformer<B> {
             backend,
             model.config.clone(),
             cache_config,
-            &model.embed_tokens,
+            model.embed_tokens.as_ref(),
             &model.final_norm,
             &model.lm_head,
             layers,
@@ -132,12 +133,14 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// Uploads the embedding, norms and lm_head, then each prepared layer as it comes
-    /// (dropping its host form), computes the RoPE tables and allocates the KV cache.
+    /// (dropping its host form), computes the RoPE tables and allocates the KV cache. A tied
+    /// model whose lm_head the backend can read rows from (int8 weights on the CPU) keeps no
+    /// separate embedding table: `embed_tokens` is then ignored and may be `None`.
     pub fn from_layers(
         backend: B,
         config: ModelConfig,
         cache_config: CacheConfig,
-        embed_tokens: &Tensor,
+        embed_tokens: Option<&Tensor>,
         final_norm: &Tensor,
         lm_head: &HostLinear,
         layers: impl IntoIterator<Item = Result<PreparedLayer>>,
@@ -176,21 +179,31 @@ impl<B: Backend> Transformer<B> {
                 c.num_layers
             )));
         }
-        if lm_head.dims()? != (c.vocab_size, h) || embed_tokens.dims() != [c.vocab_size, h] {
+        if lm_head.dims()? != (c.vocab_size, h) || embed_tokens.is_some_and(|e| e.dims() != [c.vocab_size, h]) {
             return Err(ModelError::InvalidInput(format!(
                 "embedding {:?} / lm_head {:?} do not match vocab {} x hidden {h}",
-                embed_tokens.dims(),
+                embed_tokens.map(Tensor::dims),
                 lm_head.dims()?,
                 c.vocab_size
             )));
         }
+        let lm_head = backend.prepare_linear(lm_head.as_weights())?;
+        let embed_tokens = match embed_tokens {
+            _ if c.tie_word_embeddings && backend.linear_gathers_rows(&lm_head) => None,
+            Some(table) => Some(backend.upload(table)?),
+            None => {
+                return Err(ModelError::InvalidInput(
+                    "no embedding table, and the lm_head cannot stand in for it (untied, or not int8 weights)".into(),
+                ));
+            }
+        };
         let (cos, sin) = rope_tables(d, cache_config.max_seq_len, c.rope_theta)?;
         Ok(Self {
-            embed_tokens: backend.upload(embed_tokens)?,
+            embed_tokens,
             rope_cos: backend.upload(&cos)?,
             rope_sin: backend.upload(&sin)?,
             final_norm: backend.upload(final_norm)?,
-            lm_head: backend.prepare_linear(lm_head.as_weights())?,
+            lm_head,
             layers: uploaded,
             kv_caches,
             backend,
@@ -303,7 +316,10 @@ impl<B: Backend> Transformer<B> {
         let cos = be.gather_rows(&self.rope_cos, &positions, batch, seq_len)?;
         let sin = be.gather_rows(&self.rope_sin, &positions, batch, seq_len)?;
 
-        let mut residual = be.gather_rows(&self.embed_tokens, ids, batch, seq_len)?;
+        let mut residual = match &self.embed_tokens {
+            Some(table) => be.gather_rows(table, ids, batch, seq_len)?,
+            None => be.gather_linear_rows(&self.lm_head, ids, batch, seq_len)?,
+        };
         let mut hidden = be.rms_norm(&residual, &self.layers[0].input_norm, eps)?;
         let num_layers = self.layers.len();
         for (li, (layer, cache)) in self.layers.iter().zip(self.kv_caches.iter_mut()).enumerate() {

@@ -136,7 +136,8 @@ pub struct PreparedModel {
     pub config: crate::config::ModelConfig,
     /// The quantization that produced it (`None`: float).
     pub quant: Option<crate::quant::QuantConfig>,
-    pub embed_tokens: Tensor,
+    /// The embedding table; `None` for a tied model whose int8 lm_head serves as the table.
+    pub embed_tokens: Option<Tensor>,
     pub final_norm: Tensor,
     pub lm_head: HostLinear,
     pub layers: Vec<PreparedLayer>,

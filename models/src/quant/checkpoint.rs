@@ -7,7 +7,8 @@
 //!
 //! | tensor | dtype | when |
 //! |---|---|---|
-//! | `model.embed_tokens.weight`, `model.norm.weight`, `*_layernorm.weight` | float | always |
+//! | `model.embed_tokens.weight` | float | unless tied to an int8 lm_head (read from its rows) |
+//! | `model.norm.weight`, `*_layernorm.weight` | float | always |
 //! | `<linear>.weight` | float / I8 `[N, K]` | always |
 //! | `<linear>.bias` | float `[N]` | float or W8A16 linear with a bias |
 //! | `<linear>.weight_scale` | F32 `[N]` | W8A16, A8W8 per-token |
@@ -61,7 +62,9 @@ pub fn save(model: &PreparedModel, tokenizer: Option<&TokenizerBundle>, dir: &Pa
     std::fs::create_dir_all(dir)?;
     let mut tensors: Vec<(String, Stored)> = Vec::new();
     let c = &model.config;
-    tensors.push(("model.embed_tokens.weight".into(), Stored::float(&model.embed_tokens)?));
+    if let Some(embed) = &model.embed_tokens {
+        tensors.push(("model.embed_tokens.weight".into(), Stored::float(embed)?));
+    }
     tensors.push(("model.norm.weight".into(), Stored::float(&model.final_norm)?));
     let lm_head_tied = c.tie_word_embeddings && matches!(model.lm_head, HostLinear::Float { .. });
     if !lm_head_tied {
@@ -134,13 +137,18 @@ pub fn load(dir: &Path) -> Result<PreparedModel> {
     let mut reader = Reader { file, path: path.clone(), used: BTreeSet::new(), hadamard: quant.per_token_hadamard };
     let c = &config;
     let (h, d) = (c.hidden_size, c.head_dim);
-    let embed_tokens = reader.float("model.embed_tokens.weight", &[c.vocab_size, h])?;
-    let final_norm = reader.float("model.norm.weight", &[h])?;
     let lm_head_kind = linear_kind(&quant, None, &["lm_head".to_string()]);
-    let lm_head = if c.tie_word_embeddings && lm_head_kind == LinearKind::Float && !reader.has("lm_head.weight") {
-        HostLinear::Float { weight: embed_tokens.clone(), bias: None }
-    } else {
-        reader.linear("lm_head", lm_head_kind, (c.vocab_size, h), false)?
+    // Tied to an int8 lm_head, the table is the lm_head's rows and is not stored.
+    let embed_tokens = match c.tie_word_embeddings && lm_head_kind == LinearKind::W8A16 {
+        true => None,
+        false => Some(reader.float("model.embed_tokens.weight", &[c.vocab_size, h])?),
+    };
+    let final_norm = reader.float("model.norm.weight", &[h])?;
+    let lm_head = match &embed_tokens {
+        Some(embed) if c.tie_word_embeddings && lm_head_kind == LinearKind::Float && !reader.has("lm_head.weight") => {
+            HostLinear::Float { weight: embed.clone(), bias: None }
+        }
+        _ => reader.linear("lm_head", lm_head_kind, (c.vocab_size, h), false)?,
     };
     let widths = [(c.qkv_width(), h), (h, c.num_heads * d), (2 * c.intermediate_size, h), (h, c.intermediate_size)];
     let modules = |i: usize| {

@@ -214,7 +214,7 @@ fn rank_layers(
         p.kv.push_back((i, quantized.kv.clone()));
         Ok(float)
     });
-    let mut model = Transformer::from_layers(backend, c.clone(), cache, &embed, &final_norm, &lm_head, layers)?;
+    let mut model = Transformer::from_layers(backend, c.clone(), cache, Some(&embed), &final_norm, &lm_head, layers)?;
     let progress = crate::progress::bar(sequences.len() as u64, "ranking layers", "sequences");
     for s in sequences.iter().filter(|s| !s.is_empty()) {
         model.forward(s, s.len(), &[0], &[s.len()])?;

@@ -248,6 +248,11 @@ pub fn quantize_model(
     let layers = (0..c.num_layers)
         .map(|i| prepare_layer(weights, c, i, Some(quant), calibration))
         .collect::<Result<Vec<_>>>()?;
+    // A tied model with an int8 lm_head reads its embedding rows from it: no float table.
+    let embed_tokens = match (&lm_head, c.tie_word_embeddings) {
+        (HostLinear::Int8Weight { .. }, true) => None,
+        _ => Some(embed_tokens),
+    };
     Ok(PreparedModel {
         config: c.clone(),
         quant: Some(quant.clone()),

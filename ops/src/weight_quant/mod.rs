@@ -151,6 +151,27 @@ impl WeightQuantLinear {
         self.in_features
     }
 
+    /// The dequantized rows `(w_q[r] + offset[r]) * scale[r]` for each `r` of `rows`, as
+    /// `rows.len() x K` row-major f32: an embedding lookup in a tied lm_head's int8 weight
+    /// (so a tied model needs no second, float copy of the table).
+    pub fn dequantize_rows(&self, rows: &[u32]) -> Result<Vec<f32>> {
+        let k = self.in_features;
+        let mut out = vec![0f32; rows.len() * k];
+        for (dst, &r) in out.chunks_exact_mut(k).zip(rows) {
+            let r = r as usize;
+            if r >= self.out_features {
+                bail!("weight_quant_linear: row {r} out of range (N = {})", self.out_features);
+            }
+            let (p, j) = (r / PANEL, r % PANEL);
+            let panel = &self.panels[self.panels_offset + p * k * PANEL..][..k * PANEL];
+            let (scale, shift) = (self.scale[r], self.scaled_offset.as_ref().map_or(0.0, |o| o[r]));
+            for (kk, d) in dst.iter_mut().enumerate() {
+                *d = panel[kk * PANEL + j] as f32 * scale + shift;
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes of packed weight read per forward (bandwidth accounting; scales excluded).
     pub fn weight_bytes(&self) -> usize {
         self.out_features.div_ceil(PANEL) * PANEL * self.in_features
