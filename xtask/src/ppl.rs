@@ -132,13 +132,17 @@ pub fn calibration_sequences(
         (None, Some(m)) => m.calibration_text(),
         (None, None) => Mmlu::fetch(cache)?.calibration_text(),
     };
-    let (sequences, described) =
-        candle_ascend_models::quant::calibration_sequences(tokenizer, Some(&text), args.calib_tokens, cache)?;
-    let source = args.calib.as_ref().map_or("the MMLU calibration split".to_string(), |f| f.display().to_string());
+    let (sequences, _) =
+        candle_ascend_models::quant::calibration_sequences(tokenizer, Some(&text), args.calib_tokens, cache)
+            .with_context(|| format!("calibration data ({})", calib_source(args)))?;
     let ids: Vec<u32> = sequences.concat();
     let identity = format!("{:016x}-{}", fnv1a(&ids), ids.len());
-    eprintln!("calibration: {} in {} sequences ({source})", described, sequences.len());
+    eprintln!("calibration: {} tokens of {} in {} sequences", ids.len(), calib_source(args), sequences.len());
     Ok(Some((sequences, identity)))
+}
+
+fn calib_source(args: &QuantArgs) -> String {
+    args.calib.as_ref().map_or("the MMLU calibration split".to_string(), |f| f.display().to_string())
 }
 
 /// The f32 model, and the quantized one when `quant` is given (calibrated on `calibration`).
