@@ -84,9 +84,8 @@ pub fn smooth_from_maxima(x_absmax: &[f32], w_absmax: &[f32], alpha: f64) -> Vec
 /// Per linear the per-tensor input range (A8W8 linears only), and the v-row divisor.
 pub type FoldedRanges = ([Option<(f32, f32)>; 4], Option<Vec<f32>>);
 
-/// Folds SmoothQuant migration scales into a layer's host weights for each linear with an
-/// `alpha[m]` and returns the per-tensor input range of each linear that runs static A8W8
-/// (`a8w8[m]`; the range after smoothing when it is smoothed), in the order
+/// Folds SmoothQuant migration scales (when `alpha` is given) into a layer's host weights and
+/// returns the per-tensor input range of each linear that runs A8W8 (`a8w8[m]`), in the order
 /// [qkv, o_proj, gate_up, down]:
 /// - qkv and gate_up: `gamma_j /= s_j` in the preceding RMSNorm, `W[:, j] *= s_j`;
 /// - o_proj: the v rows (and v bias) that produce input channel j are divided by s (one scale
@@ -100,14 +99,14 @@ pub fn fold_layer(
     layer: &mut HostLayer,
     ranges: &[ChannelRange; 4],
     c: &ModelConfig,
-    alpha: [Option<f64>; 4],
+    alpha: Option<f64>,
     a8w8: [bool; 4],
 ) -> Result<FoldedRanges> {
     let mut out = [None; 4];
     let mut v_divisor = None;
     let (nq, nkv, d, inter) = (c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size);
-    if a8w8[0] || alpha[0].is_some() {
-        let range = match alpha[0] {
+    if a8w8[0] {
+        out[0] = Some(match alpha {
             Some(a) => {
                 let s = smooth_scales(&ranges[0].absmax(), &layer.qkv_w, a)?;
                 layer.input_norm = divide(&layer.input_norm, &s)?;
@@ -115,11 +114,10 @@ pub fn fold_layer(
                 ranges[0].tensor_range(Some(&s))
             }
             None => ranges[0].tensor_range(None),
-        };
-        out[0] = a8w8[0].then_some(range);
+        });
     }
-    if a8w8[1] || alpha[1].is_some() {
-        let range = match alpha[1] {
+    if a8w8[1] {
+        out[1] = Some(match alpha {
             Some(a) => {
                 let group = nq / nkv;
                 let x_max = ranges[1].absmax();
@@ -148,11 +146,10 @@ pub fn fold_layer(
                 ranges[1].tensor_range(Some(&s_o))
             }
             None => ranges[1].tensor_range(None),
-        };
-        out[1] = a8w8[1].then_some(range);
+        });
     }
-    if a8w8[2] || alpha[2].is_some() {
-        let range = match alpha[2] {
+    if a8w8[2] {
+        out[2] = Some(match alpha {
             Some(a) => {
                 let s = smooth_scales(&ranges[2].absmax(), &layer.gate_up_w, a)?;
                 layer.post_attention_norm = divide(&layer.post_attention_norm, &s)?;
@@ -160,11 +157,10 @@ pub fn fold_layer(
                 ranges[2].tensor_range(Some(&s))
             }
             None => ranges[2].tensor_range(None),
-        };
-        out[2] = a8w8[2].then_some(range);
+        });
     }
-    if a8w8[3] || alpha[3].is_some() {
-        let range = match alpha[3] {
+    if a8w8[3] {
+        out[3] = Some(match alpha {
             Some(a) => {
                 let s = smooth_scales(&ranges[3].absmax(), &layer.down_w, a)?;
                 let rows: Vec<f32> = (0..2 * inter).map(|r| if r < inter { 1.0 } else { 1.0 / s[r - inter] }).collect();
@@ -173,8 +169,7 @@ pub fn fold_layer(
                 ranges[3].tensor_range(Some(&s))
             }
             None => ranges[3].tensor_range(None),
-        };
-        out[3] = a8w8[3].then_some(range);
+        });
     }
     Ok((out, v_divisor))
 }

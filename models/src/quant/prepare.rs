@@ -74,24 +74,18 @@ fn fold(
 ) -> Result<Folded> {
     let mut host = HostLayer::load(weights, config, index)?;
     let names = host.module_names();
-    let kinds: [LinearKind; 4] = std::array::from_fn(|m| linear_kind(q, Some(index), &names[m]));
-    let a8w8 = kinds.map(|k| k == LinearKind::A8W8);
-    let alphas = match q.outliers_suppression {
-        OutliersSuppression::Smooth => {
-            // Per-token inputs are not smoothed: measured, smoothing them at alpha 0.2..0.8
-            // changed SmolLM2's top-1 agreement by -1.0..+0.8 points (noise-sized, no trend).
-            let alpha = q.smooth_alpha()?;
-            kinds.map(|k| (k == LinearKind::A8W8).then_some(alpha))
-        }
-        OutliersSuppression::None => [None; 4],
-    };
+    let a8w8: [bool; 4] = std::array::from_fn(|m| uses_int8_activations(q, index, &names[m]));
     let calib =
         |what: &str| calibration.ok_or_else(|| ModelError::UnsupportedConfig(format!("{what} need calibration data")));
     let mut ranges: [Option<(f32, f32)>; 4] = [None; 4];
     let mut v_divisor = None;
-    if a8w8.iter().any(|&b| b) || alphas.iter().any(Option::is_some) {
+    if a8w8.iter().any(|&b| b) {
         let layer_ranges = &calib("int8 activations")?.layers[index];
-        (ranges, v_divisor) = fold_layer(&mut host, layer_ranges, config, alphas, a8w8)?;
+        let alpha = match q.outliers_suppression {
+            OutliersSuppression::Smooth => Some(q.smooth_alpha()?),
+            OutliersSuppression::None => None,
+        };
+        (ranges, v_divisor) = fold_layer(&mut host, layer_ranges, config, alpha, a8w8)?;
     }
     let kv = if int8_kv_cache(q, index) {
         let c = calib("the int8 KV cache")?;
@@ -192,6 +186,13 @@ pub fn linear_kind(q: &QuantConfig, layer: Option<usize>, modules: &[String]) ->
 /// Whether decoder layer `layer`'s cache is int8.
 pub fn int8_kv_cache(q: &QuantConfig, layer: usize) -> bool {
     q.kvcache_dtype == QuantDtype::Int8 && q.quantizes_layer(layer)
+}
+
+/// Whether the linear gets a static range (and SmoothQuant folding). Per-token inputs get
+/// neither: smoothing them was measured (alpha 0.2..0.8: SmolLM2 top-1 agreement -1.0..+0.8
+/// points, no trend).
+fn uses_int8_activations(q: &QuantConfig, layer: usize, modules: &[String]) -> bool {
+    linear_kind(q, Some(layer), modules) == LinearKind::A8W8
 }
 
 /// One (possibly merged) linear in the form [`linear_kind`] gives; A8W8 takes the calibrated
