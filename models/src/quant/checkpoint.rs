@@ -25,7 +25,7 @@
 
 use super::a8w8::Int8Linear;
 use super::config::QuantConfig;
-use super::prepare::{LinearKind, int8_kv_cache, linear_kind};
+use super::prepare::{LinearKind, embedding_from_lm_head, int8_kv_cache, linear_kind};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::TokenizerBundle;
@@ -139,7 +139,7 @@ pub fn load(dir: &Path) -> Result<PreparedModel> {
     let (h, d) = (c.hidden_size, c.head_dim);
     let lm_head_kind = linear_kind(&quant, None, &["lm_head".to_string()]);
     // Tied to an int8 lm_head, the table is the lm_head's rows and is not stored.
-    let embed_tokens = match c.tie_word_embeddings && lm_head_kind == LinearKind::W8A16 {
+    let embed_tokens = match embedding_from_lm_head(c, lm_head_kind) {
         true => None,
         false => Some(reader.float("model.embed_tokens.weight", &[c.vocab_size, h])?),
     };

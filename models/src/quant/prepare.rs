@@ -249,11 +249,8 @@ pub fn quantize_model(
     let layers = (0..c.num_layers)
         .map(|i| prepare_layer(weights, c, i, Some(quant), calibration))
         .collect::<Result<Vec<_>>>()?;
-    // A tied model with an int8 lm_head reads its embedding rows from it: no float table.
-    let embed_tokens = match (&lm_head, c.tie_word_embeddings) {
-        (HostLinear::Int8Weight { .. }, true) => None,
-        _ => Some(embed_tokens),
-    };
+    let embed_tokens =
+        (!embedding_from_lm_head(c, linear_kind(quant, None, &["lm_head".to_string()]))).then_some(embed_tokens);
     Ok(PreparedModel {
         config: c.clone(),
         quant: Some(quant.clone()),
@@ -262,6 +259,13 @@ pub fn quantize_model(
         lm_head,
         layers,
     })
+}
+
+/// Whether the lm_head, in the form `lm_head_kind`, also serves as the embedding table (tied
+/// embeddings, int8 weights: the rows are read from it), so that a prepared model and its
+/// checkpoint hold no float table.
+pub fn embedding_from_lm_head(c: &ModelConfig, lm_head_kind: LinearKind) -> bool {
+    c.tie_word_embeddings && lm_head_kind == LinearKind::W8A16
 }
 
 /// The Hadamard block of a per-token linear with `in_features` inputs under a configuration's
