@@ -88,15 +88,18 @@ fn for_each_row<T: Element>(
     })
 }
 
+/// The per-token symmetric scale of a row with maximum magnitude `absmax`: `absmax / 127`, 1
+/// for an all-zero or non-finite row.
+fn symmetric_scale(absmax: f32) -> f32 {
+    if absmax > 0.0 && absmax.is_finite() { absmax / 127.0 } else { 1.0 }
+}
+
 /// Per-row symmetric scales `max|x[r, :]| / 127` (1 for an all-zero or non-finite row) of a
 /// contiguous `[m, k]` view of `x`, read in place.
 fn row_scales<T: Element>(x: &Tensor, m: usize, k: usize) -> Result<Vec<f32>> {
     with_slice::<T, _>(x, "quant_linear_per_token", |data, layout| {
         let src = &data[layout.start_offset()..layout.start_offset() + m * k];
-        let scale = |row: &[T]| {
-            let absmax = row.iter().fold(0f32, |a, v| a.max(v.to_f32().abs()));
-            if absmax > 0.0 && absmax.is_finite() { absmax / 127.0 } else { 1.0 }
-        };
+        let scale = |row: &[T]| symmetric_scale(row.iter().fold(0f32, |a, v| a.max(v.to_f32().abs())));
         Ok(if m * k >= 64 * 1024 {
             src.par_chunks(k.max(1)).take(m).map(scale).collect()
         } else {
@@ -124,8 +127,7 @@ fn rotate_and_quantize_rows<T: Element>(
             buf.clear();
             buf.extend(row.iter().map(|v| v.to_f32()));
             hadamard_row(buf, block);
-            let absmax = buf.iter().fold(0f32, |a, v| a.max(v.abs()));
-            *scale = if absmax > 0.0 && absmax.is_finite() { absmax / 127.0 } else { 1.0 };
+            *scale = symmetric_scale(buf.iter().fold(0f32, |a, v| a.max(v.abs())));
             pack::quantize_row(buf, 1.0 / *scale, 0.0, flip, out);
         };
         let dst = staged.data.as_mut_slice();
