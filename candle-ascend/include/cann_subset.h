@@ -283,6 +283,19 @@ aclnnStatus aclnnFusedInferAttentionScoreV2GetWorkspaceSize(
     aclOpExecutor **executor);
 CANDLE_ASCEND_ACLNN_LAUNCH(aclnnFusedInferAttentionScoreV2);
 
+aclnnStatus aclnnAddGetWorkspaceSize(const aclTensor *self, const aclTensor *other, const aclScalar *alpha,
+                                     aclTensor *out, uint64_t *workspaceSize, aclOpExecutor **executor);
+CANDLE_ASCEND_ACLNN_LAUNCH(aclnnAdd);
+
+aclnnStatus aclnnMulGetWorkspaceSize(const aclTensor *self, const aclTensor *other, aclTensor *out,
+                                     uint64_t *workspaceSize, aclOpExecutor **executor);
+CANDLE_ASCEND_ACLNN_LAUNCH(aclnnMul);
+
+aclnnStatus aclnnDynamicQuantGetWorkspaceSize(const aclTensor *x, const aclTensor *smoothScalesOptional,
+                                              const aclTensor *yOut, const aclTensor *scaleOut,
+                                              uint64_t *workspaceSize, aclOpExecutor **executor);
+CANDLE_ASCEND_ACLNN_LAUNCH(aclnnDynamicQuant);
+
 aclnnStatus aclnnAscendQuantV3GetWorkspaceSize(const aclTensor *x, const aclTensor *scale, const aclTensor *offset,
                                                bool sqrtMode, const char *roundMode, int32_t dstType, int32_t axis,
                                                const aclTensor *y, uint64_t *workspaceSize,

@@ -4,7 +4,8 @@
 //! - [`sys`]: the generated loader for our own CANN header (`include/cann_subset.h`), resolved at run time;
 //! - [`loader`]: where CANN is searched for, [`Cann`] (the loaded libraries), status checking;
 //! - [`runtime`]: [`AscendDevice`] (init, per-thread binding, stream), the stream-ordered memory pool, [`NpuTensor`];
-//! - [`aclnn`]: RAII nnopbase handles, the two-phase call helper, one safe function per operator.
+//! - [`aclnn`]: RAII nnopbase handles, the two-phase call helper, one safe function per operator;
+//! - [`testing`]: which CANN tests load (ascend-sim by default) and the device they open.
 //!
 //! Nothing here needs CANN at build time. Where CANN is absent every entry point returns
 //! [`Error::LibraryNotFound`] naming what was searched. ascend-sim (`candle-ascend/sim`) stands in for CANN only
@@ -15,6 +16,7 @@ pub mod error;
 pub mod loader;
 pub mod runtime;
 pub mod sys;
+pub mod testing;
 
 pub use error::{Error, Result};
 pub use loader::{Cann, ENV_LIB_DIR, ENV_SIM, LibrarySource};

@@ -17,7 +17,12 @@
 //! | `PackedLinear` (y = x W^T + b) | [`linear`] |
 //! | `quantize`, `QuantLinear` (int8 A8W8) | [`quant`] |
 //! | `WeightQuantLinear` (W8A16: y = x ((W_q + o) s)^T + b) | [`weight_quant`] |
+//!
+//! With the `ascend` feature, [`ascend`] implements the same contracts on NPU-resident tensors
+//! (`candle_ascend::NpuTensor`) through aclnn operators.
 
+#[cfg(feature = "ascend")]
+pub mod ascend;
 pub mod attention;
 pub mod host;
 pub mod kernel;

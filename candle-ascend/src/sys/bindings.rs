@@ -494,6 +494,65 @@ pub struct Cann {
         ) -> aclnnStatus,
         ::libloading::Error,
     >,
+    pub aclnnAddGetWorkspaceSize: Result<
+        unsafe extern "C" fn(
+            self_: *const aclTensor,
+            other: *const aclTensor,
+            alpha: *const aclScalar,
+            out: *mut aclTensor,
+            workspaceSize: *mut u64,
+            executor: *mut *mut aclOpExecutor,
+        ) -> aclnnStatus,
+        ::libloading::Error,
+    >,
+    pub aclnnAdd: Result<
+        unsafe extern "C" fn(
+            workspace: *mut ::std::os::raw::c_void,
+            workspaceSize: u64,
+            executor: *mut aclOpExecutor,
+            stream: aclrtStream,
+        ) -> aclnnStatus,
+        ::libloading::Error,
+    >,
+    pub aclnnMulGetWorkspaceSize: Result<
+        unsafe extern "C" fn(
+            self_: *const aclTensor,
+            other: *const aclTensor,
+            out: *mut aclTensor,
+            workspaceSize: *mut u64,
+            executor: *mut *mut aclOpExecutor,
+        ) -> aclnnStatus,
+        ::libloading::Error,
+    >,
+    pub aclnnMul: Result<
+        unsafe extern "C" fn(
+            workspace: *mut ::std::os::raw::c_void,
+            workspaceSize: u64,
+            executor: *mut aclOpExecutor,
+            stream: aclrtStream,
+        ) -> aclnnStatus,
+        ::libloading::Error,
+    >,
+    pub aclnnDynamicQuantGetWorkspaceSize: Result<
+        unsafe extern "C" fn(
+            x: *const aclTensor,
+            smoothScalesOptional: *const aclTensor,
+            yOut: *const aclTensor,
+            scaleOut: *const aclTensor,
+            workspaceSize: *mut u64,
+            executor: *mut *mut aclOpExecutor,
+        ) -> aclnnStatus,
+        ::libloading::Error,
+    >,
+    pub aclnnDynamicQuant: Result<
+        unsafe extern "C" fn(
+            workspace: *mut ::std::os::raw::c_void,
+            workspaceSize: u64,
+            executor: *mut aclOpExecutor,
+            stream: aclrtStream,
+        ) -> aclnnStatus,
+        ::libloading::Error,
+    >,
     pub aclnnAscendQuantV3GetWorkspaceSize: Result<
         unsafe extern "C" fn(
             x: *const aclTensor,
@@ -746,6 +805,13 @@ impl Cann {
             unsafe { __library.get(b"aclnnFusedInferAttentionScoreV2GetWorkspaceSize\0") }.map(|sym| *sym);
         let aclnnFusedInferAttentionScoreV2 =
             unsafe { __library.get(b"aclnnFusedInferAttentionScoreV2\0") }.map(|sym| *sym);
+        let aclnnAddGetWorkspaceSize = unsafe { __library.get(b"aclnnAddGetWorkspaceSize\0") }.map(|sym| *sym);
+        let aclnnAdd = unsafe { __library.get(b"aclnnAdd\0") }.map(|sym| *sym);
+        let aclnnMulGetWorkspaceSize = unsafe { __library.get(b"aclnnMulGetWorkspaceSize\0") }.map(|sym| *sym);
+        let aclnnMul = unsafe { __library.get(b"aclnnMul\0") }.map(|sym| *sym);
+        let aclnnDynamicQuantGetWorkspaceSize =
+            unsafe { __library.get(b"aclnnDynamicQuantGetWorkspaceSize\0") }.map(|sym| *sym);
+        let aclnnDynamicQuant = unsafe { __library.get(b"aclnnDynamicQuant\0") }.map(|sym| *sym);
         let aclnnAscendQuantV3GetWorkspaceSize =
             unsafe { __library.get(b"aclnnAscendQuantV3GetWorkspaceSize\0") }.map(|sym| *sym);
         let aclnnAscendQuantV3 = unsafe { __library.get(b"aclnnAscendQuantV3\0") }.map(|sym| *sym);
@@ -826,6 +892,12 @@ impl Cann {
             aclnnIncreFlashAttentionV4,
             aclnnFusedInferAttentionScoreV2GetWorkspaceSize,
             aclnnFusedInferAttentionScoreV2,
+            aclnnAddGetWorkspaceSize,
+            aclnnAdd,
+            aclnnMulGetWorkspaceSize,
+            aclnnMul,
+            aclnnDynamicQuantGetWorkspaceSize,
+            aclnnDynamicQuant,
             aclnnAscendQuantV3GetWorkspaceSize,
             aclnnAscendQuantV3,
             aclnnQuantMatmulV4GetWorkspaceSize,
@@ -1476,6 +1548,102 @@ impl Cann {
     ) -> aclnnStatus {
         unsafe {
             (self.aclnnFusedInferAttentionScoreV2.as_ref().expect("Expected function, got error."))(
+                workspace,
+                workspaceSize,
+                executor,
+                stream,
+            )
+        }
+    }
+    pub unsafe fn aclnnAddGetWorkspaceSize(
+        &self,
+        self_: *const aclTensor,
+        other: *const aclTensor,
+        alpha: *const aclScalar,
+        out: *mut aclTensor,
+        workspaceSize: *mut u64,
+        executor: *mut *mut aclOpExecutor,
+    ) -> aclnnStatus {
+        unsafe {
+            (self.aclnnAddGetWorkspaceSize.as_ref().expect("Expected function, got error."))(
+                self_,
+                other,
+                alpha,
+                out,
+                workspaceSize,
+                executor,
+            )
+        }
+    }
+    pub unsafe fn aclnnAdd(
+        &self,
+        workspace: *mut ::std::os::raw::c_void,
+        workspaceSize: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus {
+        unsafe {
+            (self.aclnnAdd.as_ref().expect("Expected function, got error."))(workspace, workspaceSize, executor, stream)
+        }
+    }
+    pub unsafe fn aclnnMulGetWorkspaceSize(
+        &self,
+        self_: *const aclTensor,
+        other: *const aclTensor,
+        out: *mut aclTensor,
+        workspaceSize: *mut u64,
+        executor: *mut *mut aclOpExecutor,
+    ) -> aclnnStatus {
+        unsafe {
+            (self.aclnnMulGetWorkspaceSize.as_ref().expect("Expected function, got error."))(
+                self_,
+                other,
+                out,
+                workspaceSize,
+                executor,
+            )
+        }
+    }
+    pub unsafe fn aclnnMul(
+        &self,
+        workspace: *mut ::std::os::raw::c_void,
+        workspaceSize: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus {
+        unsafe {
+            (self.aclnnMul.as_ref().expect("Expected function, got error."))(workspace, workspaceSize, executor, stream)
+        }
+    }
+    pub unsafe fn aclnnDynamicQuantGetWorkspaceSize(
+        &self,
+        x: *const aclTensor,
+        smoothScalesOptional: *const aclTensor,
+        yOut: *const aclTensor,
+        scaleOut: *const aclTensor,
+        workspaceSize: *mut u64,
+        executor: *mut *mut aclOpExecutor,
+    ) -> aclnnStatus {
+        unsafe {
+            (self.aclnnDynamicQuantGetWorkspaceSize.as_ref().expect("Expected function, got error."))(
+                x,
+                smoothScalesOptional,
+                yOut,
+                scaleOut,
+                workspaceSize,
+                executor,
+            )
+        }
+    }
+    pub unsafe fn aclnnDynamicQuant(
+        &self,
+        workspace: *mut ::std::os::raw::c_void,
+        workspaceSize: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus {
+        unsafe {
+            (self.aclnnDynamicQuant.as_ref().expect("Expected function, got error."))(
                 workspace,
                 workspaceSize,
                 executor,

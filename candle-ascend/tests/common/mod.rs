@@ -3,46 +3,10 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use candle_ascend::{AscendDevice, Cann, ENV_SIM};
 
-/// Where the simulator is looked for: `CANDLE_ASCEND_SIM`, then next to the test binary (`target/*/deps`, where
-/// cargo puts the cdylib of the `ascend-sim` dev-dependency) and its parent.
-pub fn sim_candidates() -> Vec<PathBuf> {
-    let mut paths = Vec::new();
-    if let Some(p) = std::env::var_os(ENV_SIM).filter(|p| !p.is_empty()) {
-        paths.push(PathBuf::from(p));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1).take(2) {
-            paths.push(dir.join("libascend_sim.so"));
-        }
-    }
-    paths
-}
-
-pub fn sim_path() -> PathBuf {
-    let candidates = sim_candidates();
-    match candidates.iter().find(|p| p.is_file()) {
-        Some(p) => p.clone(),
-        None => panic!(
-            "ascend-sim not found; searched: {}. Build it with `cargo build --release -p ascend-sim` or set {ENV_SIM}.",
-            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        ),
-    }
-}
-
-/// The simulator loaded through candle-ascend's loader (once per test process).
-pub fn api() -> &'static Cann {
-    static API: OnceLock<Cann> = OnceLock::new();
-    API.get_or_init(|| Cann::load_sim(&sim_path()).unwrap_or_else(|e| panic!("loading ascend-sim: {e}")))
-}
-
-pub fn device() -> AscendDevice {
-    AscendDevice::with_api(api(), 0).unwrap_or_else(|e| panic!("opening the simulated device: {e}"))
-}
+pub use candle_ascend::testing::{api, device, sim_path};
 
 /// The generated loader opened directly on the simulator, for tests that call the C API by hand.
 pub fn raw() -> &'static candle_ascend::sys::Cann {
