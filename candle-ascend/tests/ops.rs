@@ -213,3 +213,67 @@ fn rope_fused_and_fallback_agree_with_the_reference() {
     common::assert_close(&qo.to_vec::<f32>().expect("q"), &want_q, 1e-5, "q rpe");
     assert_eq!(qt.to_vec::<f32>().expect("q unchanged"), q, "out of place");
 }
+
+/// Fresh non-zero values in [-2, -0.25] U [0.25, 2] (the seed is printed, so a failure can be replayed).
+fn fresh(n: usize, label: &str) -> Vec<f32> {
+    let mut state =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos() as u64);
+    eprintln!("{label}: seed {state}");
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let unit = (state >> 40) as f32 / (1u64 << 24) as f32;
+            let magnitude = 0.25 + 1.75 * unit;
+            if state & (1 << 20) == 0 { magnitude } else { -magnitude }
+        })
+        .collect()
+}
+
+#[test]
+fn add_broadcasts_other_over_leading_dims_with_alpha() {
+    let dev = common::device();
+    let (x, b) = (fresh(2 * 3 * 5, "add x"), fresh(5, "add bias"));
+    let xt = NpuTensor::from_slice(&dev, &x, &[2, 3, 5]).expect("x");
+    let bt = NpuTensor::from_slice(&dev, &b, &[5]).expect("bias");
+    let y = ops::add(&xt, &bt, 0.5).expect("add");
+    assert_eq!(y.shape(), &[2, 3, 5]);
+    let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + 0.5 * b[i % 5]).collect();
+    common::assert_close(&y.to_vec::<f32>().expect("y"), &want, 1e-6, "x + 0.5 b");
+
+    // A (1, 5) row over a strided (3, 5) view of a (3, 8) tensor, in bf16.
+    let wide: Vec<half::bf16> = fresh(3 * 8, "add wide").iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let row: Vec<half::bf16> = fresh(5, "add row").iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let view = NpuTensor::from_slice(&dev, &wide, &[3, 8]).and_then(|t| t.narrow(1, 2, 5)).expect("view");
+    let rt = NpuTensor::from_slice(&dev, &row, &[1, 5]).expect("row");
+    let got: Vec<f32> =
+        ops::add(&view, &rt, 1.0).expect("add").to_vec::<half::bf16>().expect("y").iter().map(|v| v.to_f32()).collect();
+    let want: Vec<f32> = (0..15).map(|i| wide[(i / 5) * 8 + 2 + i % 5].to_f32() + row[i % 5].to_f32()).collect();
+    common::assert_close(&got, &want, 1e-2, "strided bf16 + row");
+}
+
+#[test]
+fn add_rejects_shapes_that_do_not_broadcast_and_mixed_dtypes() {
+    let dev = common::device();
+    let xt = NpuTensor::from_slice(&dev, &fresh(12, "add x"), &[3, 4]).expect("x");
+    let bad = NpuTensor::from_slice(&dev, &fresh(3, "add bad"), &[3]).expect("bad");
+    assert!(ops::add(&xt, &bad, 1.0).is_err(), "[3] does not broadcast to [3, 4]");
+    let half_bias: Vec<f16> = fresh(4, "add f16").iter().map(|&v| f16::from_f32(v)).collect();
+    let ht = NpuTensor::from_slice(&dev, &half_bias, &[4]).expect("f16 bias");
+    assert!(ops::add(&xt, &ht, 1.0).is_err(), "f32 + f16 is refused");
+    assert!(common::api().supports_operator("Add"));
+}
+
+#[test]
+fn contiguous_copies_a_strided_view_and_shares_a_contiguous_one() {
+    let dev = common::device();
+    let x = fresh(4 * 6, "contiguous x");
+    let xt = NpuTensor::from_slice(&dev, &x, &[4, 6]).expect("x");
+    let same = ops::contiguous(&xt).expect("contiguous");
+    assert!(same.same_buffer(&xt), "a contiguous tensor is returned as is");
+    let transposed = xt.narrow(1, 1, 4).and_then(|t| t.transpose(0, 1)).expect("view");
+    let copy = ops::contiguous(&transposed).expect("copy");
+    assert!(copy.is_contiguous() && !copy.same_buffer(&xt));
+    assert_eq!(copy.shape(), &[4, 4]);
+    let want: Vec<f32> = (0..16).map(|i| x[(i % 4) * 6 + 1 + i / 4]).collect();
+    assert_eq!(copy.to_vec::<f32>().expect("copy"), want);
+}

@@ -1,7 +1,7 @@
 //! The aclnn layer: RAII handles over nnopbase objects built from [`NpuTensor`] views ([`AclTensor`],
-//! [`AclTensorList`], which owns its members, [`AclIntArray`]), the one helper through which every two-phase
-//! operator call goes ([`two_phase`]: phase 1, workspace from the stream-ordered pool, phase 2 on the device's
-//! stream), and the safe operator functions ([`ops`], [`quant`], [`attention`]).
+//! [`AclTensorList`], which owns its members, [`AclIntArray`], [`AclScalar`]), the one helper through which every
+//! two-phase operator call goes ([`two_phase`]: phase 1, workspace from the stream-ordered pool, phase 2 on the
+//! device's stream), and the safe operator functions ([`ops`], [`quant`], [`attention`]).
 
 pub mod attention;
 pub mod ops;
@@ -137,6 +137,40 @@ impl Drop for AclIntArray {
     }
 }
 
+/// An `aclScalar` holding an f32 value (nnopbase copies the host value at creation, cann-facts 2.4).
+pub struct AclScalar {
+    api: &'static Cann,
+    raw: *mut sys::aclScalar,
+}
+
+impl AclScalar {
+    /// An f32 (`ACL_FLOAT`) scalar.
+    pub fn f32(api: &'static Cann, value: f32) -> Result<AclScalar> {
+        let f = sym!(api.nnopbase, aclCreateScalar)?;
+        let mut value = value;
+        // SAFETY: `value` is a live f32 for the call and ACL_FLOAT names its type; nnopbase copies it.
+        let raw = unsafe { f((&raw mut value).cast(), sys::aclDataType_ACL_FLOAT) };
+        if raw.is_null() {
+            return Err(Error::NullHandle { call: "aclCreateScalar", message: api.recent_error_message() });
+        }
+        Ok(AclScalar { api, raw })
+    }
+
+    pub fn as_ptr(&self) -> *mut sys::aclScalar {
+        self.raw
+    }
+}
+
+impl Drop for AclScalar {
+    fn drop(&mut self) {
+        if let Ok(f) = sym!(self.api.nnopbase, aclDestroyScalar) {
+            // SAFETY: created by aclCreateScalar, destroyed once.
+            let code = unsafe { f(self.raw) };
+            crate::record_drop_error(self.api.check("aclDestroyScalar", code));
+        }
+    }
+}
+
 /// The phase-2 signature shared by every aclnn operator.
 pub(crate) type LaunchFn = unsafe extern "C" fn(
     workspace: *mut std::ffi::c_void,
@@ -214,5 +248,6 @@ pub(crate) fn operator_symbols_present(api: &Cann, op: &str) -> bool {
         "Matmul" => aclnnMatmulGetWorkspaceSize, aclnnMatmul;
         "Cast" => aclnnCastGetWorkspaceSize, aclnnCast;
         "ArgMax" => aclnnArgMaxGetWorkspaceSize, aclnnArgMax;
+        "Add" => aclnnAddGetWorkspaceSize, aclnnAdd;
     }
 }

@@ -1,10 +1,11 @@
 //! One safe function per aclnn operator. Each validates what the Rust side can know (shapes, dtypes), allocates
 //! its outputs from the pool, builds the descriptors and calls [`two_phase`]. The operator itself validates the
 //! rest in phase 1 and reports it through the error. So far: RmsNorm, AddRmsNorm, Cast, SwiGlu, Matmul, Embedding,
-//! ArgMax, InplaceScatterUpdate, RotaryPositionEmbedding, ApplyRotaryPosEmb (and the choice between the two).
+//! ArgMax, InplaceScatterUpdate, RotaryPositionEmbedding, ApplyRotaryPosEmb (and the choice between the two), Add
+//! (with [`contiguous`], the strided-to-contiguous copy made through a same-dtype Cast).
 //! Operators marked in place write through a shared `&NpuTensor` (a view handle, like a device pointer).
 
-use crate::aclnn::{AclTensor, two_phase};
+use crate::aclnn::{AclScalar, AclTensor, two_phase};
 use crate::error::{Error, Result};
 use crate::loader::op_sym;
 use crate::runtime::tensor::{DType, NpuTensor};
@@ -106,6 +107,47 @@ pub fn cast(x: &NpuTensor, dtype: DType) -> Result<NpuTensor> {
     let (xt, ot) = (AclTensor::new(x)?, AclTensor::new(&out)?);
     // SAFETY: both descriptors are live for the call; the out-pointers come from two_phase.
     two_phase(device, OP, |ws, ex| unsafe { phase1(xt.as_ptr(), dtype.acl(), ot.as_ptr(), ws, ex) }, *launch)?;
+    Ok(out)
+}
+
+/// A contiguous copy of `x` (or `x` itself, shared, when it already is contiguous). The copy is an aclnnCast to
+/// x's own dtype: the ops-math doc of aclnnCast lists non-contiguous `self` as supported for every dtype this
+/// backend stores (int4 excepted), and the L2 API makes a strided input contiguous before the kernel. CANN
+/// declares no plain copy operator in our subset (aclnnInplaceCopy is not declared), so this is the copy.
+pub fn contiguous(x: &NpuTensor) -> Result<NpuTensor> {
+    if x.is_contiguous() { Ok(x.clone()) } else { cast(x, x.dtype()) }
+}
+
+/// Broadcasting addition (aclnnAdd): `out = self + alpha * other`, `other` broadcast to `self`'s shape (right
+/// aligned; each of its dims 1 or equal). One float dtype for both, output in it (a new contiguous tensor).
+pub fn add(x: &NpuTensor, other: &NpuTensor, alpha: f32) -> Result<NpuTensor> {
+    const OP: &str = "aclnnAdd";
+    float_dtype(OP, x)?;
+    let (xs, os) = (x.shape(), other.shape());
+    let broadcasts = os.len() <= xs.len()
+        && os.iter().zip(&xs[xs.len() - os.len()..]).all(|(&o, &d)| o == d || o == 1)
+        && other.dtype() == x.dtype();
+    if !broadcasts {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            expected: format!("other of {:?} broadcastable to {xs:?}", x.dtype()),
+            got: format!("{other:?}"),
+        });
+    }
+    let device = x.device();
+    let out = NpuTensor::uninit(device, x.dtype(), xs)?;
+    let api = device.api();
+    let phase1 = op_sym!(api, "Add", aclnnAddGetWorkspaceSize)?;
+    let launch = op_sym!(api, "Add", aclnnAdd)?;
+    let (xt, ot, yt) = (AclTensor::new(x)?, AclTensor::new(other)?, AclTensor::new(&out)?);
+    let alpha = AclScalar::f32(api, alpha)?;
+    two_phase(
+        device,
+        OP,
+        // SAFETY: the descriptors and the scalar are live for the call; the out-pointers come from two_phase.
+        |ws, ex| unsafe { phase1(xt.as_ptr(), ot.as_ptr(), alpha.as_ptr(), yt.as_ptr(), ws, ex) },
+        *launch,
+    )?;
     Ok(out)
 }
 

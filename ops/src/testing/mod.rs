@@ -10,6 +10,8 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+#[cfg(feature = "ascend")]
+pub mod ascend;
 pub mod attention_cases;
 pub mod elementwise_cases;
 pub mod linear_cases;
