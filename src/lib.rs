@@ -21,6 +21,8 @@
 //! [`Model::from_weights`].
 
 use anyhow::{Context, Result, bail};
+#[cfg(feature = "ascend")]
+use candle_ascend_models::backend::AscendBackend;
 use candle_ascend_models::backend::CpuBackend;
 use candle_ascend_models::loader::{Checkpoint, TokenizerBundle, Weights, load_checkpoint, load_hf_tokenizer};
 pub use candle_ascend_models::quant::QuantConfig;
@@ -77,10 +79,11 @@ impl std::fmt::Display for DeviceSpec {
 }
 
 /// Load-time choices.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ModelOptions {
-    /// Weights and activations dtype (f32 is the CPU default; f16/bf16 also run).
-    pub dtype: DType,
+    /// Weights and activations dtype; `None` takes the device's default (f32 on the CPU, f16 on
+    /// an NPU). f32, f16 and bf16 run on both.
+    pub dtype: Option<DType>,
     /// Capacity of the fixed KV cache.
     pub cache: CacheConfig,
     /// Quantization applied at load (e.g. `QuantConfig::preset("a8w8c8")`); `None` keeps
@@ -93,14 +96,31 @@ pub struct ModelOptions {
     pub calibration_text: Option<String>,
 }
 
-impl Default for ModelOptions {
-    fn default() -> Self {
-        Self { dtype: DType::F32, cache: CacheConfig::default(), quantize: None, calibration_text: None }
-    }
-}
-
 enum Engine {
     Cpu(Transformer<CpuBackend>),
+    #[cfg(feature = "ascend")]
+    Npu(Transformer<AscendBackend>),
+}
+
+/// Runs `$body` with `$m` bound to the engine's transformer, whatever its backend.
+macro_rules! with_engine {
+    ($engine:expr, $m:ident => $body:expr) => {
+        match $engine {
+            Engine::Cpu($m) => $body,
+            #[cfg(feature = "ascend")]
+            Engine::Npu($m) => $body,
+        }
+    };
+}
+
+impl DeviceSpec {
+    /// The dtype a model runs in on this device when none is asked for.
+    pub fn default_dtype(self) -> DType {
+        match self {
+            DeviceSpec::Cpu => DType::F32,
+            DeviceSpec::Npu(_) | DeviceSpec::Cuda(_) => DType::F16,
+        }
+    }
 }
 
 /// A loaded causal LM with its tokenizer, on one device.
@@ -118,8 +138,9 @@ impl Model {
         if path.is_dir() && checkpoint::is_quantized_checkpoint(path) {
             return Self::load_quantized(path, device, options);
         }
+        let dtype = options.dtype.unwrap_or(device.default_dtype());
         let Checkpoint { config, weights, tokenizer, .. } =
-            load_checkpoint(path, options.dtype).with_context(|| format!("loading {}", path.display()))?;
+            load_checkpoint(path, dtype).with_context(|| format!("loading {}", path.display()))?;
         let needs_calibration = options
             .quantize
             .as_ref()
@@ -150,9 +171,14 @@ impl Model {
         }
         let prepared = checkpoint::load(path).with_context(|| format!("loading {}", path.display()))?;
         let tokenizer = load_hf_tokenizer(path, &prepared.config)?;
+        let dtype = options.dtype.unwrap_or(device.default_dtype());
         let engine = match device {
             DeviceSpec::Cpu => {
-                Engine::Cpu(Transformer::from_prepared(CpuBackend::new(options.dtype)?, &prepared, options.cache)?)
+                Engine::Cpu(Transformer::from_prepared(CpuBackend::new(dtype)?, &prepared, options.cache)?)
+            }
+            #[cfg(feature = "ascend")]
+            DeviceSpec::Npu(n) => {
+                Engine::Npu(Transformer::from_prepared(AscendBackend::new(n, dtype)?, &prepared, options.cache)?)
             }
             other => bail!("device {other} is not available in this build"),
         };
@@ -198,13 +224,24 @@ impl Model {
         calibration: Option<&Calibration>,
     ) -> Result<Self> {
         check_device(device)?;
+        let dtype = options.dtype.unwrap_or(device.default_dtype());
+        let quant = options.quantize.as_ref();
         let engine = match device {
             DeviceSpec::Cpu => Engine::Cpu(Transformer::new_calibrated(
-                CpuBackend::new(options.dtype)?,
+                CpuBackend::new(dtype)?,
                 config,
                 weights,
                 options.cache,
-                options.quantize.as_ref(),
+                quant,
+                calibration,
+            )?),
+            #[cfg(feature = "ascend")]
+            DeviceSpec::Npu(n) => Engine::Npu(Transformer::new_calibrated(
+                AscendBackend::new(n, dtype)?,
+                config,
+                weights,
+                options.cache,
+                quant,
                 calibration,
             )?),
             other => bail!("device {other} is not available in this build"),
@@ -217,9 +254,7 @@ impl Model {
     }
 
     pub fn config(&self) -> &ModelConfig {
-        match &self.engine {
-            Engine::Cpu(m) => m.config(),
-        }
+        with_engine!(&self.engine, m => m.config())
     }
 
     /// The tokenizer and chat template of a model loaded from a checkpoint.
@@ -238,9 +273,7 @@ impl Model {
         }
         let flat = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
         let lens = vec![seq; batch];
-        Ok(match &mut self.engine {
-            Engine::Cpu(m) => m.forward(&flat, seq, positions, &lens)?,
-        })
+        Ok(with_engine!(&mut self.engine, m => m.forward(&flat, seq, positions, &lens)?))
     }
 
     /// Generates from already tokenized prompts (one batch), streaming tokens to `on_token`.
@@ -251,9 +284,7 @@ impl Model {
         on_token: impl FnMut(usize, u32),
     ) -> Result<GenerationOutput> {
         let eos = self.tokenizer.as_ref().map(|t| t.eos_token_ids.clone()).unwrap_or_default();
-        Ok(match &mut self.engine {
-            Engine::Cpu(m) => generate(m, prompts, sampling, &eos, on_token)?,
-        })
+        Ok(with_engine!(&mut self.engine, m => generate(m, prompts, sampling, &eos, on_token)?))
     }
 
     /// Tokenizes `prompt` as-is (no chat template) and generates; returns the new text.
@@ -287,9 +318,21 @@ impl Model {
 fn check_device(device: DeviceSpec) -> Result<()> {
     match device {
         DeviceSpec::Cpu => Ok(()),
-        DeviceSpec::Npu(_) => bail!(
-            "device {device}: the Ascend backend is not part of this build yet (build with `--features ascend` once it lands)"
-        ),
+        #[cfg(feature = "ascend")]
+        DeviceSpec::Npu(n) => {
+            // Fails here, before any weight is read, with the directories searched for CANN.
+            let count = candle_ascend_models::candle_ascend::Cann::global()
+                .and_then(|api| api.device_count())
+                .with_context(|| format!("device {device}: CANN is not usable"))?;
+            if n >= count {
+                bail!("device {device} does not exist ({count} NPU(s) found)");
+            }
+            Ok(())
+        }
+        #[cfg(not(feature = "ascend"))]
+        DeviceSpec::Npu(_) => {
+            bail!("device {device}: this build has no Ascend support (rebuild with `--features ascend`)")
+        }
         DeviceSpec::Cuda(_) => bail!("device {device}: CUDA is not supported by this build"),
     }
 }

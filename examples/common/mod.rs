@@ -26,11 +26,12 @@ pub struct Args {
     /// Cache folder for fetched models (default: $CANDLE_ASCEND_CACHE or ~/.cache/candle-ascend).
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
-    /// Device: cpu, npu:N.
+    /// Device: cpu, or npu:N (needs a build with `--features ascend`, and CANN or ascend-sim via
+    /// CANDLE_ASCEND_SIM).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weights and activations dtype: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
+    /// Weights and activations dtype: auto (f32 on the CPU, f16 on an NPU), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// New tokens per prompt at most.
     #[arg(long, default_value_t = 128)]
@@ -61,13 +62,14 @@ pub struct Args {
     pub threads: Option<usize>,
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => bail!("unsupported --dtype {other} (use f32, f16 or bf16)"),
-    }
+fn parse_dtype(s: &str) -> Result<Option<DType>> {
+    Ok(Some(match s {
+        "auto" => return Ok(None),
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("unsupported --dtype {other} (use auto, f32, f16 or bf16)"),
+    }))
 }
 
 /// Runs the example; `default_model` is a known registry name.

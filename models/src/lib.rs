@@ -24,7 +24,12 @@ pub mod quant;
 pub mod random;
 pub mod reference;
 
+#[cfg(feature = "ascend")]
+pub use backend::AscendBackend;
 pub use backend::{Backend, CpuBackend};
+/// The Ascend runtime this build uses (re-exported so applications need no extra dependency).
+#[cfg(feature = "ascend")]
+pub use candle_ascend;
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generate::{GenerationOutput, SamplingConfig, generate};

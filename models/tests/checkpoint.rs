@@ -123,7 +123,8 @@ fn a_tied_int8_lm_head_serves_as_the_embedding_table() {
     let lm_head = be.prepare_linear(model.lm_head.as_weights()).unwrap();
     assert!(be.linear_gathers_rows(&lm_head));
     let ids = [3u32, 0, 17];
-    let rows = be.gather_linear_rows(&lm_head, &ids, 1, 3).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let rows =
+        be.gather_linear_rows(&lm_head, &ids.to_vec(), 1, 3).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
     for (row, &id) in rows.iter().zip(&ids) {
         let r = id as usize;
         for (k, v) in row.iter().enumerate() {

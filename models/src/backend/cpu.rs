@@ -4,7 +4,7 @@
 use super::{Backend, LinearWeights, StepPlan};
 use crate::model::KvQuant;
 use candle_ascend_ops as ops;
-use candle_core::{DType, Device, IndexOp, Result, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor, bail};
 
 /// Runs the decoder on the host CPU in f32 (default), f16 or bf16.
 #[derive(Debug, Clone)]
@@ -47,6 +47,7 @@ impl Backend for CpuBackend {
     type Tensor = Tensor;
     type Linear = CpuLinear;
     type KvCache = CpuKvCache;
+    type Indices = Vec<u32>;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -114,7 +115,11 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn gather_rows(&self, table: &Tensor, ids: &[u32], batch: usize, seq: usize) -> Result<Tensor> {
+    fn upload_indices(&self, lists: &[&[u32]]) -> Result<Vec<Vec<u32>>> {
+        Ok(lists.iter().map(|l| l.to_vec()).collect())
+    }
+
+    fn gather_rows(&self, table: &Tensor, ids: &Vec<u32>, batch: usize, seq: usize) -> Result<Tensor> {
         if ids.len() != batch * seq {
             bail!("gather_rows: {} ids for a [{batch}, {seq}] step", ids.len());
         }
@@ -130,7 +135,7 @@ impl Backend for CpuBackend {
         matches!(w, CpuLinear::Int8Weight(_))
     }
 
-    fn gather_linear_rows(&self, w: &CpuLinear, ids: &[u32], batch: usize, seq: usize) -> Result<Tensor> {
+    fn gather_linear_rows(&self, w: &CpuLinear, ids: &Vec<u32>, batch: usize, seq: usize) -> Result<Tensor> {
         let CpuLinear::Int8Weight(l) = w else {
             bail!("cpu: embedding rows can only be read from an int8-weight (W8A16) linear");
         };
@@ -214,17 +219,13 @@ impl Backend for CpuBackend {
         ops::swiglu(x)
     }
 
-    fn select_positions(&self, x: &Tensor, index: &[usize]) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        if index.len() != b || index.iter().any(|&i| i >= s) {
-            bail!("select_positions: indices {index:?} do not fit a [{b}, {s}, _] tensor");
+    fn select_rows(&self, x: &Tensor, rows: &Vec<u32>) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        if let Some(bad) = rows.iter().find(|&&r| r as usize >= b * s) {
+            bail!("select_rows: row {bad} is outside a [{b}, {s}, _] tensor");
         }
-        if s == 1 {
-            return Ok(x.clone());
-        }
-        let rows: Vec<Tensor> =
-            index.iter().enumerate().map(|(bi, &i)| x.i((bi..bi + 1, i..i + 1))).collect::<Result<_>>()?;
-        Tensor::cat(&rows, 0)
+        let idx = Tensor::from_slice(rows, rows.len(), &Device::Cpu)?;
+        x.reshape((b * s, h))?.index_select(&idx, 0)?.reshape((rows.len(), 1, h))
     }
 
     fn to_host_f32(&self, x: &Tensor) -> Result<Tensor> {

@@ -8,8 +8,12 @@
 //!
 //! Shapes use the BSND convention of the fused ops: `[batch, seq, heads, head_dim]`.
 
+#[cfg(feature = "ascend")]
+pub mod ascend;
 pub mod cpu;
 
+#[cfg(feature = "ascend")]
+pub use ascend::AscendBackend;
 pub use cpu::{CpuBackend, CpuLinear};
 
 use crate::model::KvQuant;
@@ -67,6 +71,9 @@ pub trait Backend: Send + Sync + Sized {
     type Linear: Send + Sync;
     /// One layer's K and V cache, allocated once for (batch, capacity).
     type KvCache: Send + Sync;
+    /// An index list of one step as the backend reads it (token ids, RoPE positions, rows to
+    /// keep), produced by [`upload_indices`](Self::upload_indices).
+    type Indices: Send + Sync;
 
     /// Short name for logs and errors (`cpu`, `npu:0`).
     fn name(&self) -> String;
@@ -90,8 +97,11 @@ pub trait Backend: Send + Sync + Sized {
     /// Bytes of storage one layer's cache holds (K and V; memory reports).
     fn kv_cache_bytes(&self, cache: &Self::KvCache) -> usize;
 
-    /// Gathers rows of `table` `[V, W]`: `ids` (host, `batch * seq` values) -> `[batch, seq, W]`.
-    fn gather_rows(&self, table: &Self::Tensor, ids: &[u32], batch: usize, seq: usize) -> Result<Self::Tensor>;
+    /// Moves a step's host index lists to the device together: a device backend makes one
+    /// host-to-device copy per step for all of them.
+    fn upload_indices(&self, lists: &[&[u32]]) -> Result<Vec<Self::Indices>>;
+    /// Gathers rows of `table` `[V, W]`: `ids` (`batch * seq` values) -> `[batch, seq, W]`.
+    fn gather_rows(&self, table: &Self::Tensor, ids: &Self::Indices, batch: usize, seq: usize) -> Result<Self::Tensor>;
     /// Whether [`gather_linear_rows`](Self::gather_linear_rows) can read `w`'s weight rows, so
     /// that a tied int8 lm_head also serves as the embedding table (no float copy kept).
     fn linear_gathers_rows(&self, _w: &Self::Linear) -> bool {
@@ -99,7 +109,13 @@ pub trait Backend: Send + Sync + Sized {
     }
     /// Rows `ids` of `w`'s (dequantized) weight `[N, K]` -> `[batch, seq, K]`; only for a
     /// linear [`linear_gathers_rows`](Self::linear_gathers_rows) accepts.
-    fn gather_linear_rows(&self, _w: &Self::Linear, _ids: &[u32], _batch: usize, _seq: usize) -> Result<Self::Tensor> {
+    fn gather_linear_rows(
+        &self,
+        _w: &Self::Linear,
+        _ids: &Self::Indices,
+        _batch: usize,
+        _seq: usize,
+    ) -> Result<Self::Tensor> {
         candle_core::bail!("{}: this backend cannot read embedding rows from a linear", self.name())
     }
     fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor>;
@@ -141,8 +157,9 @@ pub trait Backend: Send + Sync + Sized {
     ) -> Result<Self::Tensor>;
     /// silu(first half) * second half over the last dimension.
     fn swiglu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
-    /// Picks position `index[b]` of each sequence: `[B, S, H]` -> `[B, 1, H]`.
-    fn select_positions(&self, x: &Self::Tensor, index: &[usize]) -> Result<Self::Tensor>;
+    /// Picks rows of `x` `[B, S, H]` by their flat index `b * S + s` -> `[rows, 1, H]` (the last
+    /// real position of each sequence before the final norm).
+    fn select_rows(&self, x: &Self::Tensor, rows: &Self::Indices) -> Result<Self::Tensor>;
     /// Copies a tensor to the host as f32 (the logits at the end of a step).
     fn to_host_f32(&self, x: &Self::Tensor) -> Result<Tensor>;
     /// Bytes of weight a forward through `w` reads (bandwidth accounting).

@@ -258,12 +258,7 @@ impl<B: Backend> Transformer<B> {
     /// positions must already be in the cache. Prefill is `start = 0`; decode is `seq_len = 1`
     /// with `start[b]` the number of tokens the sequence already holds.
     pub fn forward(&mut self, ids: &[u32], seq_len: usize, start: &[usize], lens: &[usize]) -> Result<Tensor> {
-        let (hidden, residual) = self.run_layers(ids, seq_len, start, lens)?;
-        let be = &self.backend;
-        // Only the last real position of each sequence reaches the final norm and lm_head.
-        let last: Vec<usize> = lens.iter().map(|&l| l - 1).collect();
-        let hidden = be.select_positions(&hidden, &last)?;
-        let residual = be.select_positions(&residual, &last)?;
+        let (hidden, residual) = self.run_layers(ids, seq_len, start, lens, true)?;
         self.logits(&hidden, &residual, start.len(), 1)
     }
 
@@ -271,7 +266,7 @@ impl<B: Backend> Transformer<B> {
     /// `[batch, seq_len, vocab]` (perplexity and agreement measurements); rows past `lens[b]`
     /// are padding and hold unspecified values.
     pub fn forward_all(&mut self, ids: &[u32], seq_len: usize, start: &[usize], lens: &[usize]) -> Result<Tensor> {
-        let (hidden, residual) = self.run_layers(ids, seq_len, start, lens)?;
+        let (hidden, residual) = self.run_layers(ids, seq_len, start, lens, false)?;
         self.logits(&hidden, &residual, start.len(), seq_len)
     }
 
@@ -286,13 +281,15 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// Embedding and every decoder layer; returns the last layer's MLP output and the residual
-    /// stream `[batch, seq_len, H]` (their sum is the final hidden state).
+    /// stream `[batch, seq_len, H]` (their sum is the final hidden state), or with `last_only`
+    /// just the last real position of each sequence, `[batch, 1, H]`.
     fn run_layers(
         &mut self,
         ids: &[u32],
         seq_len: usize,
         start: &[usize],
         lens: &[usize],
+        last_only: bool,
     ) -> Result<(B::Tensor, B::Tensor)> {
         let batch = start.len();
         let plan = StepPlan { batch, seq_len, start, lens };
@@ -313,12 +310,24 @@ impl<B: Backend> Transformer<B> {
         let last_pos = self.cache_config.max_seq_len - 1;
         let positions: Vec<u32> =
             (0..batch).flat_map(|b| (0..seq_len).map(move |i| (start[b] + i).min(last_pos) as u32)).collect();
+        // The flat row of each sequence's last real token (prefill keeps only those rows).
+        let pick_rows = last_only && seq_len > 1;
+        let last_rows: Vec<u32> = if pick_rows {
+            lens.iter().enumerate().map(|(b, &l)| (b * seq_len + l - 1) as u32).collect()
+        } else {
+            vec![]
+        };
+        // All of the step's indices reach the device in one copy.
+        let mut indices = be.upload_indices(&[ids, &positions, &last_rows])?.into_iter();
+        let (Some(ids), Some(positions), Some(last_rows)) = (indices.next(), indices.next(), indices.next()) else {
+            return Err(ModelError::InvalidInput("backend returned fewer index lists than uploaded".into()));
+        };
         let cos = be.gather_rows(&self.rope_cos, &positions, batch, seq_len)?;
         let sin = be.gather_rows(&self.rope_sin, &positions, batch, seq_len)?;
 
         let mut residual = match &self.embed_tokens {
-            Some(table) => be.gather_rows(table, ids, batch, seq_len)?,
-            None => be.gather_linear_rows(&self.lm_head, ids, batch, seq_len)?,
+            Some(table) => be.gather_rows(table, &ids, batch, seq_len)?,
+            None => be.gather_linear_rows(&self.lm_head, &ids, batch, seq_len)?,
         };
         let mut hidden = be.rms_norm(&residual, &self.layers[0].input_norm, eps)?;
         let num_layers = self.layers.len();
@@ -341,6 +350,9 @@ impl<B: Backend> Transformer<B> {
             } else {
                 hidden = mlp_out;
             }
+        }
+        if pick_rows {
+            return Ok((be.select_rows(&hidden, &last_rows)?, be.select_rows(&residual, &last_rows)?));
         }
         Ok((hidden, residual))
     }

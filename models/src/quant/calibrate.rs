@@ -131,6 +131,7 @@ impl Backend for Observer {
     type Tensor = Tensor;
     type Linear = (usize, CpuLinear);
     type KvCache = (usize, CpuKvCache);
+    type Indices = Vec<u32>;
 
     fn name(&self) -> String {
         "cpu (calibrating)".into()
@@ -158,7 +159,10 @@ impl Backend for Observer {
     fn kv_cache_bytes(&self, c: &Self::KvCache) -> usize {
         self.inner.kv_cache_bytes(&c.1)
     }
-    fn gather_rows(&self, table: &Tensor, ids: &[u32], batch: usize, seq: usize) -> candle_core::Result<Tensor> {
+    fn upload_indices(&self, lists: &[&[u32]]) -> candle_core::Result<Vec<Vec<u32>>> {
+        self.inner.upload_indices(lists)
+    }
+    fn gather_rows(&self, table: &Tensor, ids: &Vec<u32>, batch: usize, seq: usize) -> candle_core::Result<Tensor> {
         self.inner.gather_rows(table, ids, batch, seq)
     }
     fn linear(&self, x: &Tensor, w: &Self::Linear) -> candle_core::Result<Tensor> {
@@ -211,8 +215,8 @@ impl Backend for Observer {
     fn swiglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.inner.swiglu(x)
     }
-    fn select_positions(&self, x: &Tensor, index: &[usize]) -> candle_core::Result<Tensor> {
-        self.inner.select_positions(x, index)
+    fn select_rows(&self, x: &Tensor, rows: &Vec<u32>) -> candle_core::Result<Tensor> {
+        self.inner.select_rows(x, rows)
     }
     fn to_host_f32(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.inner.to_host_f32(x)

@@ -306,6 +306,7 @@ impl Backend for Comparing {
     type Tensor = Tensor;
     type Linear = TwinLinear;
     type KvCache = (usize, Option<KvQuant>, CpuKvCache);
+    type Indices = Vec<u32>;
 
     fn name(&self) -> String {
         "cpu (fallback search)".into()
@@ -338,7 +339,10 @@ impl Backend for Comparing {
     fn kv_cache_bytes(&self, c: &Self::KvCache) -> usize {
         self.inner.kv_cache_bytes(&c.2)
     }
-    fn gather_rows(&self, table: &Tensor, ids: &[u32], batch: usize, seq: usize) -> candle_core::Result<Tensor> {
+    fn upload_indices(&self, lists: &[&[u32]]) -> candle_core::Result<Vec<Vec<u32>>> {
+        self.inner.upload_indices(lists)
+    }
+    fn gather_rows(&self, table: &Tensor, ids: &Vec<u32>, batch: usize, seq: usize) -> candle_core::Result<Tensor> {
         self.inner.gather_rows(table, ids, batch, seq)
     }
     fn linear(&self, x: &Tensor, w: &TwinLinear) -> candle_core::Result<Tensor> {
@@ -382,8 +386,8 @@ impl Backend for Comparing {
     fn swiglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.inner.swiglu(x)
     }
-    fn select_positions(&self, x: &Tensor, index: &[usize]) -> candle_core::Result<Tensor> {
-        self.inner.select_positions(x, index)
+    fn select_rows(&self, x: &Tensor, rows: &Vec<u32>) -> candle_core::Result<Tensor> {
+        self.inner.select_rows(x, rows)
     }
     fn to_host_f32(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.inner.to_host_f32(x)
