@@ -130,3 +130,40 @@ fn decode_rejects_an_int8_cache_without_antiquant_parameters() {
     assert!(err.to_string().contains("antiquantScale"), "{err}");
     assert_eq!(q.dtype(), DType::F32);
 }
+
+/// The ops crate's prefill masks padding rows completely and relies on the invalid-row fix (innerPrecise 2, set
+/// by the wrapper) to write them as zeros: check that, and that the other rows are unaffected.
+#[test]
+fn fully_masked_rows_come_out_as_zeros() {
+    assert!(common::api().supports_operator("PromptFlashAttentionV3"));
+    let dev = common::device();
+    let (b, s, t, nh, d) = (2, 3, 5, 2, 8);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.3, |x| x.subsec_nanos() as f32 * 1e-9);
+    eprintln!("seed {seed}");
+    let (q, k, v) = (data(b * s * nh * d, seed), data(b * t * nh * d, seed + 0.4), data(b * t * nh * d, seed + 0.8));
+    // Sequence 0: every row sees keys 0..=i. Sequence 1: row 0 sees keys 0..=2, rows 1 and 2 are padding.
+    let mut mask = vec![1u8; b * s * t];
+    for i in 0..s {
+        mask[i * t..i * t + i + 1].fill(0);
+    }
+    mask[s * t..s * t + 3].fill(0);
+    let qt = NpuTensor::from_slice(&dev, &q, &[b, s, nh, d]).expect("q");
+    let kt = NpuTensor::from_slice(&dev, &k, &[b, t, nh, d]).expect("k");
+    let vt = NpuTensor::from_slice(&dev, &v, &[b, t, nh, d]).expect("v");
+    let mt = NpuTensor::from_slice(&dev, &mask, &[b, s, t]).expect("mask");
+    let params = AttentionParams { num_heads: nh, num_kv_heads: nh, scale: 0.25, layout: AttentionLayout::Bsnd };
+    let out = prompt_flash_attention(&qt, &kt, &vt, Some(&mt), None, None, &params).expect("pfa");
+    let got = out.to_vec::<f32>().expect("out");
+    let row = |bi: usize, i: usize, n: usize| ((bi * s + i) * nh + n) * d;
+    for n in 0..nh {
+        for i in 1..s {
+            assert!(got[row(1, i, n)..][..d].iter().all(|&x| x == 0.0), "padding row {i} head {n} is not zero");
+        }
+        let keys: Vec<Vec<f32>> = (0..3).map(|j| k[((t + j) * nh + n) * d..][..d].to_vec()).collect();
+        let values: Vec<Vec<f32>> = (0..3).map(|j| v[((t + j) * nh + n) * d..][..d].to_vec()).collect();
+        let want = reference(&q[row(1, 0, n)..][..d], &keys, &values, 0.25);
+        common::assert_close(&got[row(1, 0, n)..][..d], &want, 1e-5, "sequence 1 row 0");
+    }
+}

@@ -63,7 +63,9 @@ struct ViewPlan {
 }
 
 /// A plan when the strides of the non-trivial dims, sorted descending, are those of a contiguous block (the
-/// innermost 1, each one a multiple of the next covering it); dims of size 1 go innermost with extent 1.
+/// innermost 1, each one a multiple of the next covering it); dims of size 1 go innermost with extent 1. The
+/// narrow starts are the mixed-radix digits of the start offset, so a block that does not begin at a multiple of
+/// its row sizes in the storage may read as a narrow that does not fit: then there is no plan.
 fn strided_plan(shape: &[usize], strides: &[usize], start: usize) -> Option<ViewPlan> {
     let mut order: Vec<usize> = (0..shape.len()).filter(|&d| shape[d] > 1).collect();
     order.sort_by(|&a, &b| strides[b].cmp(&strides[a]));
@@ -202,5 +204,35 @@ impl OpBackend for AscendOps {
         };
         let layer = ascend::linear::Linear::new(&self.device, w, bias, dtype)?;
         Ok(layer.forward(&self.upload(x)?)?.to_candle()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strided_plan;
+
+    #[test]
+    fn a_narrow_of_the_head_axis_is_rebuilt_from_its_fused_block() {
+        // [3, 1, 2, 128] = narrow(2, 16, 2) of a contiguous [3, 1, 18, 128].
+        let plan = strided_plan(&[3, 1, 2, 128], &[18 * 128, 18 * 128, 128, 1], 16 * 128).expect("plan");
+        assert_eq!(plan.order, [0, 2, 3, 1]);
+        assert_eq!(plan.block_shape, [3, 18, 128, 1]);
+        assert_eq!(plan.starts, [0, 16, 0, 0]);
+        assert_eq!(plan.lens, [3, 2, 128, 1]);
+        assert_eq!(plan.block_start, 0);
+    }
+
+    #[test]
+    fn transposed_and_narrowed_views_have_plans_and_broadcasts_do_not() {
+        // [2, 7, 200] built as [7, 2, 200] and transposed back.
+        let plan = strided_plan(&[2, 7, 200], &[200, 400, 1], 0).expect("transposed");
+        assert_eq!((plan.order, plan.block_shape), (vec![1, 0, 2], vec![7, 2, 200]));
+        // narrow(2, 8, 128) of a fresh [2, 7, 152].
+        let plan = strided_plan(&[2, 7, 128], &[7 * 152, 152, 1], 8).expect("narrowed");
+        assert_eq!((plan.starts, plan.block_start), (vec![0, 0, 8], 0));
+        // The same view 40 elements further into its storage reads as narrow(2, 48, 128), which does not fit a
+        // 152-wide block: no plan, so it is uploaded as a contiguous copy.
+        assert!(strided_plan(&[2, 7, 128], &[7 * 152, 152, 1], 48).is_none());
+        assert!(strided_plan(&[2, 7, 64], &[0, 64, 1], 0).is_none(), "a broadcast has no enclosing block");
     }
 }
