@@ -68,3 +68,45 @@ pub fn api() -> &'static Cann {
 pub fn device() -> AscendDevice {
     AscendDevice::with_api(api(), 0).unwrap_or_else(|e| panic!("opening npu:0 on {}: {e}", backend_label()))
 }
+
+/// ascend-sim's test hooks (exported next to the CANN symbols, not part of CANN): fault injection and counters.
+pub struct Hooks {
+    _lib: libloading::Library,
+    /// aclrtMalloc fails once more than this many device bytes would be live (`u64::MAX`: no limit).
+    pub set_alloc_limit: unsafe extern "C" fn(u64),
+    /// Phase 1 of the named operator (e.g. `c"aclnnRmsNorm"`) fails; null clears.
+    pub set_failing_op: unsafe extern "C" fn(*const std::ffi::c_char),
+    pub live_device_bytes: unsafe extern "C" fn() -> u64,
+    pub live_handles: unsafe extern "C" fn() -> u64,
+    /// (host-to-device, device-to-host) copies so far, through two out-pointers.
+    pub copy_counts: unsafe extern "C" fn(*mut u64, *mut u64),
+}
+
+impl Hooks {
+    /// Copies made so far: (host-to-device, device-to-host).
+    pub fn copies(&self) -> (u64, u64) {
+        let (mut h2d, mut d2h) = (0u64, 0u64);
+        // SAFETY: both out-pointers are valid u64s; the hook only writes them.
+        unsafe { (self.copy_counts)(&mut h2d, &mut d2h) };
+        (h2d, d2h)
+    }
+}
+
+/// The hooks of the simulator the tests load (panics on real CANN: faults are injected only on the simulator).
+pub fn hooks() -> &'static Hooks {
+    static HOOKS: OnceLock<Hooks> = OnceLock::new();
+    assert!(!on_real_cann(), "simulator hooks are not available on real CANN ({ENV_TEST_CANN}=1)");
+    HOOKS.get_or_init(|| {
+        // SAFETY: the simulator library built by this workspace; its initialisers only set up Rust statics, and the
+        // symbols have the signatures declared in sim/src/hooks.rs.
+        unsafe {
+            let lib = libloading::Library::new(sim_path()).expect("open ascend-sim");
+            let set_alloc_limit = *lib.get(b"ascend_sim_set_alloc_limit\0").expect("hook");
+            let set_failing_op = *lib.get(b"ascend_sim_set_failing_op\0").expect("hook");
+            let live_device_bytes = *lib.get(b"ascend_sim_live_device_bytes\0").expect("hook");
+            let live_handles = *lib.get(b"ascend_sim_live_handles\0").expect("hook");
+            let copy_counts = *lib.get(b"ascend_sim_copy_counts\0").expect("hook");
+            Hooks { _lib: lib, set_alloc_limit, set_failing_op, live_device_bytes, live_handles, copy_counts }
+        }
+    })
+}

@@ -35,3 +35,18 @@ pub extern "C" fn ascend_sim_live_device_bytes() -> u64 {
 pub extern "C" fn ascend_sim_live_handles() -> u64 {
     with_state(|s| s.live_handles() as u64)
 }
+
+/// Host-to-device and device-to-host copies made so far (aclrtMemcpy and aclrtMemcpyAsync), written through the
+/// two out-pointers (either may be null).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ascend_sim_copy_counts(host_to_device: *mut u64, device_to_host: *mut u64) {
+    let c = with_state(|s| s.copies);
+    if !host_to_device.is_null() {
+        // SAFETY: non-null, points to a writable u64 per the hook's contract.
+        unsafe { *host_to_device = c.host_to_device };
+    }
+    if !device_to_host.is_null() {
+        // SAFETY: as above.
+        unsafe { *device_to_host = c.device_to_host };
+    }
+}

@@ -216,6 +216,7 @@ pub unsafe extern "C" fn aclrtMemcpy(
                     ),
                 ));
             }
+            s.copies.count(sp == Place::Device, dp == Place::Device);
             Ok(())
         })?;
         raw_copy(dst, src, count);
@@ -246,6 +247,7 @@ pub unsafe extern "C" fn aclrtMemcpyAsync(
             }
             mark(s, src, count, stream, false);
             mark(s, dst, count, stream, true);
+            s.copies.count(sp == Place::Device, dp == Place::Device);
             Ok((sp, dp))
         })?;
         let job: Job = if sp == Place::Pageable {

@@ -45,6 +45,27 @@ pub struct State {
     pub scalars: HashMap<u64, (i32, [u8; 8])>,
     pub executors: HashMap<u64, Executor>,
     pub faults: Faults,
+    /// Successful host-to-device and device-to-host copies (aclrtMemcpy and aclrtMemcpyAsync), for tests that
+    /// count the copies of a step.
+    pub copies: CopyCounts,
+}
+
+/// Copies counted by direction.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CopyCounts {
+    pub host_to_device: u64,
+    pub device_to_host: u64,
+}
+
+impl CopyCounts {
+    /// Counts one copy from `src_on_device` to `dst_on_device`.
+    pub fn count(&mut self, src_on_device: bool, dst_on_device: bool) {
+        match (src_on_device, dst_on_device) {
+            (false, true) => self.host_to_device += 1,
+            (true, false) => self.device_to_host += 1,
+            _ => {}
+        }
+    }
 }
 
 impl State {
