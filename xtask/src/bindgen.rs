@@ -1,8 +1,9 @@
 //! `cargo xtask bindgen [--check]`: regenerates `candle-ascend/src/sys/bindings.rs` from our own header
 //! `candle-ascend/include/cann_subset.h` with bindgen in dynamic-library mode (a `Cann` struct whose fields are the
 //! symbols, resolved with libloading at run time). The generated file is committed, so an ordinary build needs
-//! neither CANN nor libclang; only this command does (libclang is found at run time: `apt-get install libclang-dev`
-//! or set `LIBCLANG_PATH`). `--check` fails when the committed file differs from a fresh generation (CI runs it).
+//! neither CANN nor libclang; only this command does (libclang is loaded at run time: the system's, else PyPI's pinned
+//! `libclang` wheel fetched into the cache, see [`crate::libclang`]). `--check` fails when the committed file differs
+//! from a fresh generation and prints where; CI runs it through the test `xtask/tests/bindings_fresh.rs`.
 
 use std::path::{Path, PathBuf};
 
@@ -19,13 +20,13 @@ pub struct BindgenArgs {
 const HEADER: &str = "candle-ascend/include/cann_subset.h";
 const OUTPUT: &str = "candle-ascend/src/sys/bindings.rs";
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     // xtask lives one level below the workspace root.
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Generates the loader source from the header (formatted with the repository's rustfmt.toml).
-fn generate(root: &Path) -> anyhow::Result<String> {
+fn generate(root: &Path, clang_args: &[String]) -> anyhow::Result<String> {
     let header = root.join(HEADER);
     let header_str = header.to_str().context("header path is not UTF-8")?;
     // The workspace's rust-version; edition 2024 output (`unsafe extern`) needs a target of at least 1.85.
@@ -33,6 +34,7 @@ fn generate(root: &Path) -> anyhow::Result<String> {
     let bindings = ::bindgen::Builder::default()
         .rust_target(rust_target)
         .header(header_str)
+        .clang_args(clang_args)
         .allowlist_file(".*cann_subset\\.h")
         .dynamic_library_name("Cann")
         // Symbols stay optional (`Result` fields): a missing operator is "unsupported", not a load failure.
@@ -53,12 +55,18 @@ fn generate(root: &Path) -> anyhow::Result<String> {
 
 pub fn run(args: BindgenArgs) -> anyhow::Result<()> {
     let root = workspace_root();
-    let fresh = generate(&root)?;
+    let libclang = crate::libclang::ensure_loaded()?;
+    let fresh = generate(&root, &libclang.clang_args)?;
     let output = root.join(OUTPUT);
     if args.check {
         let committed = std::fs::read_to_string(&output).with_context(|| format!("reading {}", output.display()))?;
         if committed != fresh {
-            bail!("{} is stale: run `cargo xtask bindgen` and commit the result", output.display());
+            bail!(
+                "{} is stale (it differs from what {HEADER} generates): run `cargo xtask bindgen` and commit the \
+                 result.\n{}",
+                output.display(),
+                diff_summary(&committed, &fresh)
+            );
         }
         println!("{} is up to date", output.display());
     } else {
@@ -66,4 +74,52 @@ pub fn run(args: BindgenArgs) -> anyhow::Result<()> {
         println!("wrote {}", output.display());
     }
     Ok(())
+}
+
+/// Where two texts differ, by line: the common head and tail are skipped and the differing middle is shown (at most
+/// `MAX_SHOWN` lines of each side), `-` for the committed text and `+` for the fresh one.
+pub fn diff_summary(committed: &str, fresh: &str) -> String {
+    const MAX_SHOWN: usize = 20;
+    let old: Vec<&str> = committed.lines().collect();
+    let new: Vec<&str> = fresh.lines().collect();
+    let head = old.iter().zip(&new).take_while(|(a, b)| a == b).count();
+    let tail = old[head..].iter().rev().zip(new[head..].iter().rev()).take_while(|(a, b)| a == b).count();
+    let old_mid = &old[head..old.len() - tail];
+    let new_mid = &new[head..new.len() - tail];
+    let mut out = format!(
+        "committed {} lines, fresh {} lines; they differ from line {} on: {} committed line(s) against {} fresh \
+         line(s) (same last {tail} lines)",
+        old.len(),
+        new.len(),
+        head + 1,
+        old_mid.len(),
+        new_mid.len()
+    );
+    if old_mid.is_empty() && new_mid.is_empty() {
+        out.push_str(" (only line endings or the final newline differ)");
+    }
+    for (sign, side) in [('-', old_mid), ('+', new_mid)] {
+        for (i, line) in side.iter().take(MAX_SHOWN).enumerate() {
+            out.push_str(&format!("\n{sign}{:5} {line}", head + i + 1));
+        }
+        if side.len() > MAX_SHOWN {
+            out.push_str(&format!("\n{sign}      ... {} more", side.len() - MAX_SHOWN));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diff_summary;
+
+    #[test]
+    fn diff_summary_shows_the_differing_middle() {
+        let summary = diff_summary("a\nb\nc\nd\n", "a\nB\nx\nd\n");
+        assert!(summary.contains("differ from line 2 on: 2 committed line(s) against 2 fresh line(s)"), "{summary}");
+        assert!(summary.contains("\n-    2 b\n-    3 c\n+    2 B\n+    3 x"), "{summary}");
+        let added = diff_summary("a\n", "a\nb\n");
+        assert!(added.contains("0 committed line(s) against 1 fresh line(s)") && added.contains("+    2 b"), "{added}");
+        assert!(diff_summary("a", "a\n").contains("only line endings"));
+    }
 }
