@@ -8,6 +8,7 @@ mod add;
 mod attention;
 mod index;
 mod matmul;
+mod mul;
 mod quant;
 mod rope;
 

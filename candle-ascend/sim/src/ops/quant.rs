@@ -1,7 +1,9 @@
 //! int8 operators: aclnnAscendQuantV3 (`y = saturate(round(x * scale + offset))`, round half away from zero),
+//! aclnnDynamicQuant (per-token symmetric: `scale = rowmax|x * smooth| / 127`, `y = round(x / scale)`),
 //! aclnnQuantMatmulV4 (`(x1 @ x2 + bias) * scale`, int8 x int8 -> int32 -> float; the uint64 packed scale of
-//! TransQuantParamV2 required for f16 output without per-token scale) and aclnnWeightQuantBatchMatmulV2
-//! (`x @ ((w + offset) * scale) + bias`, per-channel or per-group antiquant).
+//! TransQuantParamV2 required for f16 output without per-token scale; with a per-token scale
+//! `x1 @ x2 * scale[n] * pertokenScale[m] (+ float bias)`, f32/bf16 scale, f16/bf16 output) and
+//! aclnnWeightQuantBatchMatmulV2 (`x @ ((w + offset) * scale) + bias`, per-channel or per-group antiquant).
 
 use std::ffi::{CStr, c_char, c_void};
 use std::sync::Arc;
@@ -97,6 +99,81 @@ pub unsafe extern "C" fn aclnnAscendQuantV3(
     launch("aclnnAscendQuantV3", ws, ws_size, executor, stream)
 }
 
+/// Per-token symmetric quantization of one row (already multiplied by the smooth scales): returns the row's
+/// scale `max|x| / 127` and writes `saturate(round(x / scale))` (NaN, e.g. 0 / 0 of an all-zero row, gives 0).
+fn dynamic_quant_row(row: &[f32], out: &mut [f64]) -> f32 {
+    let scale = row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+    for (o, &v) in out.iter_mut().zip(row) {
+        let q = v / scale;
+        *o = if q.is_nan() { 0.0 } else { q.round().clamp(-128.0, 127.0) as f64 };
+    }
+    scale
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn aclnnDynamicQuantGetWorkspaceSize(
+    x: *const c_void,
+    smooth_scales: *const c_void,
+    y_out: *const c_void,
+    scale_out: *const c_void,
+    workspace_size: *mut u64,
+    executor: *mut *mut c_void,
+) -> i32 {
+    let exec = (|| {
+        let t = handles(&[(x, "x"), (y_out, "yOut"), (scale_out, "scaleOut")])?;
+        let (x, y, s) = (t[0].clone(), t[1].clone(), t[2].clone());
+        let smooth = optional(smooth_scales, "smoothScalesOptional")?;
+        if !matches!(x.dtype, ACL_FLOAT16 | ACL_BF16) || !(2..=8).contains(&x.shape.len()) {
+            return Err(format!("x must be 2-8 D f16/bf16, got dtype {} {:?}", x.dtype, x.shape));
+        }
+        if y.dtype != ACL_INT8 || y.shape != x.shape {
+            return Err(format!("yOut must be int8 of x's shape {:?} (int4/int32 are not simulated)", x.shape));
+        }
+        let rows_shape = &x.shape[..x.shape.len() - 1];
+        if s.dtype != ACL_FLOAT || s.shape != rows_shape {
+            return Err(format!("scaleOut must be f32 {rows_shape:?}, got dtype {} {:?}", s.dtype, s.shape));
+        }
+        let cols = x.shape[x.shape.len() - 1];
+        if let Some(sm) = &smooth
+            && (sm.dtype != x.dtype || sm.shape != [cols])
+        {
+            return Err(format!("smoothScales must be ({cols}) of x's dtype, got dtype {} {:?}", sm.dtype, sm.shape));
+        }
+        let (kx, ky, ks, ksm) = (x.clone(), y.clone(), s.clone(), smooth.clone());
+        let kernel = Arc::new(move || {
+            let xv = read(&kx);
+            let smv = ksm.as_ref().map(read);
+            let mut q = vec![0.0; xv.len()];
+            let mut scales = Vec::with_capacity(xv.len() / cols.max(1));
+            for (row, out) in xv.chunks(cols.max(1)).zip(q.chunks_mut(cols.max(1))) {
+                let smoothed: Vec<f32> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &v)| smv.as_ref().map_or(v as f32, |sm| v as f32 * sm[j] as f32))
+                    .collect();
+                scales.push(dynamic_quant_row(&smoothed, out) as f64);
+            }
+            write(&ky, &q);
+            write(&ks, &scales);
+            Ok(())
+        });
+        let mut reads = vec![x];
+        reads.extend(smooth);
+        Ok(Executor { op: "aclnnDynamicQuant", workspace: 0, repeatable: false, kernel, reads, writes: vec![y, s] })
+    })();
+    finish_phase1("aclnnDynamicQuant", exec, workspace_size, executor)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn aclnnDynamicQuant(
+    ws: *mut c_void,
+    ws_size: u64,
+    executor: *mut c_void,
+    stream: *mut c_void,
+) -> i32 {
+    launch("aclnnDynamicQuant", ws, ws_size, executor, stream)
+}
+
 /// The f32 value of a dequant scale element: uint64/int64 packed (low 32 bits are the truncated float) or a float.
 fn scale_value(dtype: i32, raw: f64, bits: u64) -> f32 {
     match dtype {
@@ -135,41 +212,60 @@ pub unsafe extern "C" fn aclnnQuantMatmulV4GetWorkspaceSize(
         let (a, b, s, o) = (t[0].clone(), t[1].clone(), t[2].clone(), t[3].clone());
         let (off, pertoken, bias) =
             (optional(offset, "offset")?, optional(pertoken_scale, "pertokenScale")?, optional(bias, "bias")?);
-        if off.is_some() || pertoken.is_some() || transpose_x1 {
-            return Err("offset, pertokenScale and transposeX1 are not simulated".to_string());
+        if off.is_some() || transpose_x1 {
+            return Err("offset and transposeX1 are not simulated".to_string());
         }
         if a.dtype != ACL_INT8 || b.dtype != ACL_INT8 || a.shape.len() != 2 || b.shape.len() != 2 {
             return Err(format!("x1 {:?} and x2 {:?} must be 2-D int8", a.shape, b.shape));
         }
         let (m, k) = (a.shape[0], a.shape[1]);
         let (k2, n) = if transpose_x2 { (b.shape[1], b.shape[0]) } else { (b.shape[0], b.shape[1]) };
-        if k != k2 || k > 65535 {
+        let packed = matches!(s.dtype, ACL_UINT64 | ACL_INT64);
+        let float_scale = matches!(s.dtype, ACL_FLOAT | ACL_BF16);
+        // The 65535 limit on k is lifted for int8 with a float 1-D scale and a per-token scale.
+        let k_unlimited = pertoken.is_some() && float_scale;
+        if k != k2 || (k > 65535 && !k_unlimited) {
             return Err(format!("inner dims {k} and {k2} differ or exceed 65535"));
         }
         if s.shape.len() != 1 || (s.shape[0] != 1 && s.shape[0] != n) {
             return Err(format!("scale must be 1-D (1) or ({n}), got {:?}", s.shape));
         }
-        let packed = matches!(s.dtype, ACL_UINT64 | ACL_INT64);
+        if let Some(p) = &pertoken
+            && (p.dtype != ACL_FLOAT || p.shape != [m] || !float_scale)
+        {
+            return Err(format!(
+                "pertokenScale must be f32 ({m}) with an f32/bf16 scale, got dtype {} {:?} with scale dtype {}",
+                p.dtype, p.shape, s.dtype
+            ));
+        }
         let ok = match o.dtype {
-            ACL_FLOAT16 => packed, // A2/A3: f16 output without per-token scale needs the uint64/int64 scale
-            ACL_BF16 => packed || matches!(s.dtype, ACL_FLOAT | ACL_BF16),
+            // A2/A3: f16 output without per-token scale needs the uint64/int64 scale
+            ACL_FLOAT16 => packed || (pertoken.is_some() && float_scale),
+            ACL_BF16 => packed || float_scale,
             _ => false,
         };
         if !ok {
             return Err(format!(
-                "out dtype {} with scale dtype {}: f16 output needs a uint64/int64 scale (TransQuantParamV2)",
+                "out dtype {} with scale dtype {}: f16 output needs a uint64/int64 scale (TransQuantParamV2) \
+                 unless a per-token scale is given",
                 o.dtype, s.dtype
             ));
         }
         if o.shape != [m, n] {
             return Err(format!("out must be [{m}, {n}], got {:?}", o.shape));
         }
-        if let Some(bt) = &bias
-            && (bt.dtype != ACL_INT32 || bt.shape != [n])
-        {
-            return Err(format!("bias must be int32 ({n}), got dtype {} {:?}", bt.dtype, bt.shape));
+        if let Some(bt) = &bias {
+            // Simulated: an int32 bias inside the accumulator, or a float bias after the per-token scaling.
+            let dtype_ok =
+                if pertoken.is_some() { matches!(bt.dtype, ACL_FLOAT | ACL_BF16) } else { bt.dtype == ACL_INT32 };
+            if !dtype_ok || bt.shape != [n] {
+                return Err(format!(
+                    "bias must be ({n}), int32 (f32/bf16 with a per-token scale), got dtype {} {:?}",
+                    bt.dtype, bt.shape
+                ));
+            }
         }
-        let (ka, kb, ks, ko, kbias) = (a.clone(), b.clone(), s.clone(), o.clone(), bias.clone());
+        let (ka, kb, ks, ko, kbias, kpt) = (a.clone(), b.clone(), s.clone(), o.clone(), bias.clone(), pertoken.clone());
         let kernel = Arc::new(move || {
             let (av, bv) = (read(&ka), read(&kb));
             let sv: Vec<f32> = if packed {
@@ -178,6 +274,7 @@ pub unsafe extern "C" fn aclnnQuantMatmulV4GetWorkspaceSize(
                 read(&ks).iter().map(|&v| scale_value(ks.dtype, v, 0)).collect()
             };
             let biasv = kbias.as_ref().map(read);
+            let ptv = kpt.as_ref().map(read);
             let mut y = vec![0.0; m * n];
             for r in 0..m {
                 for c in 0..n {
@@ -186,9 +283,14 @@ pub unsafe extern "C" fn aclnnQuantMatmulV4GetWorkspaceSize(
                         let w = if transpose_x2 { bv[c * k + j] } else { bv[j * n + c] };
                         acc += av[r * k + j] as i64 * w as i64;
                     }
-                    acc += biasv.as_ref().map_or(0, |b| b[c] as i64);
                     let s = sv[if sv.len() == 1 { 0 } else { c }];
-                    y[r * n + c] = (acc as f32 * s) as f64;
+                    y[r * n + c] = match &ptv {
+                        Some(pt) => {
+                            let scaled = acc as f32 * s * pt[r] as f32;
+                            (scaled + biasv.as_ref().map_or(0.0, |b| b[c] as f32)) as f64
+                        }
+                        None => ((acc + biasv.as_ref().map_or(0, |b| b[c] as i64)) as f32 * s) as f64,
+                    };
                 }
             }
             write(&ko, &y);
@@ -196,6 +298,7 @@ pub unsafe extern "C" fn aclnnQuantMatmulV4GetWorkspaceSize(
         });
         let mut reads = vec![a, b, s];
         reads.extend(bias);
+        reads.extend(pertoken);
         Ok(Executor { op: "aclnnQuantMatmulV4", workspace: 0, repeatable: false, kernel, reads, writes: vec![o] })
     })();
     finish_phase1("aclnnQuantMatmulV4", exec, workspace_size, executor)
