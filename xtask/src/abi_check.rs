@@ -4,8 +4,8 @@
 //! Our header `candle-ascend/include/cann_subset.h` is run through the C preprocessor (system includes removed, so
 //! only our declarations remain, macros expanded and comments gone) and parsed into functions, enums, opaque structs,
 //! typedefs and `#define` integer constants. A C++17 translation unit then includes the toolkit's `acl/acl.h`,
-//! `aclnn/acl_meta.h` and the `aclnnop/aclnn_<op>.h` header of every operator we declare, puts our preprocessed
-//! declarations in `namespace ours` (C++ linkage there, so they never clash with the real C functions), and states
+//! `aclnn/acl_meta.h` (`aclnn/aclnn_base.h` too where present) and the `aclnnop/aclnn_<op>.h` header of every
+//! operator we declare, puts our preprocessed declarations in `namespace ours` (C++ linkage there, so they never clash with the real C functions), and states
 //! one `static_assert` per line: the function pointer types are the same once our struct and enum types are mapped to
 //! the real ones (`abi::map_t`), enumerators have the same value and enum, enums the same size, typedefs the same
 //! type, constants the same value. It is compiled with `$CXX` (default `c++`) `-std=c++17 -fsyntax-only`; each error
@@ -45,6 +45,9 @@ const HEADER_EXCEPTIONS: &[(&str, &str)] =
 
 /// The runtime and nnopbase headers, always included (cann-facts.md 2.1).
 const BASE_HEADERS: &[&str] = &["acl/acl.h", "aclnn/acl_meta.h"];
+
+/// Included too where the toolkit has them (aclnn status codes, `aclnnInit`).
+const OPTIONAL_HEADERS: &[&str] = &["aclnn/aclnn_base.h"];
 
 const OUR_HEADER: &str = "candle-ascend/include/cann_subset.h";
 
@@ -344,6 +347,11 @@ pub fn check(header: &Path, toolkit: &Path, extra: &[PathBuf], keep: Option<&Pat
     let (decls, preprocessed) = parse_header(header)?;
     let mut report = Report::default();
     let mut includes: Vec<String> = BASE_HEADERS.iter().map(|s| s.to_string()).collect();
+    for optional in OPTIONAL_HEADERS {
+        if roots.iter().any(|r| r.join(optional).is_file()) {
+            includes.push(optional.to_string());
+        }
+    }
     for op in operators(&decls) {
         match find_op_header(&roots, &op) {
             Some(h) if !includes.contains(&h) => includes.push(h),
@@ -379,6 +387,7 @@ pub fn check(header: &Path, toolkit: &Path, extra: &[PathBuf], keep: Option<&Pat
             .collect();
         if outside.is_empty() {
             pass.absent.extend(unmapped);
+            explain_function_mismatches(&mut pass, &preprocessed, &roots, &includes);
             return Ok(pass);
         }
         if new_unmapped.is_empty() {
@@ -388,6 +397,41 @@ pub fn check(header: &Path, toolkit: &Path, extra: &[PathBuf], keep: Option<&Pat
             );
         }
         unmapped.extend(new_unmapped);
+    }
+}
+
+/// Adds both declarations to each function mismatch: ours (preprocessed) and the toolkit's (the first line naming it
+/// in the included headers or in `acl/` and `aclnn/`, up to its `;`), since the compiler names neither type.
+fn explain_function_mismatches(report: &mut Report, preprocessed: &str, roots: &[PathBuf], includes: &[String]) {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for root in roots {
+        files.extend(includes.iter().map(|h| root.join(h)).filter(|p| p.is_file()));
+        for sub in ["acl", "aclnn"] {
+            if let Ok(entries) = std::fs::read_dir(root.join(sub)) {
+                let mut found: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                found.sort();
+                files.extend(found.into_iter().filter(|p| p.extension().is_some_and(|e| e == "h")));
+            }
+        }
+    }
+    for (what, diagnostics) in &mut report.mismatches {
+        let Some(function) = what.strip_prefix("function ") else { continue };
+        let call = format!("{function}(");
+        if let Some(ours) = preprocessed.split(';').find(|d| d.contains(&call)) {
+            let ours = ours.split_whitespace().collect::<Vec<_>>().join(" ");
+            diagnostics.push_str(&format!("ours: {ours};\n"));
+        }
+        let named = |l: &str| l.contains(&call) || l.contains(&format!("{function} ("));
+        for file in &files {
+            let Ok(text) = std::fs::read_to_string(file) else { continue };
+            let lines: Vec<&str> = text.lines().collect();
+            if let Some(start) = lines.iter().position(|l| named(l)) {
+                let end = (start..lines.len().min(start + 12)).find(|&i| lines[i].contains(';')).unwrap_or(start);
+                let declaration = lines[start..=end].iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ");
+                diagnostics.push_str(&format!("toolkit ({}:{}): {declaration}\n", file.display(), start + 1));
+                break;
+            }
+        }
     }
 }
 

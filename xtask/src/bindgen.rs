@@ -15,6 +15,9 @@ pub struct BindgenArgs {
     /// Do not write: fail if the committed bindings differ from what the header generates.
     #[arg(long)]
     check: bool,
+    /// The bindings file to write or check (default: the committed candle-ascend/src/sys/bindings.rs).
+    #[arg(long, value_name = "FILE")]
+    bindings: Option<PathBuf>,
 }
 
 const HEADER: &str = "candle-ascend/include/cann_subset.h";
@@ -57,7 +60,7 @@ pub fn run(args: BindgenArgs) -> anyhow::Result<()> {
     let root = workspace_root();
     let libclang = crate::libclang::ensure_loaded()?;
     let fresh = generate(&root, &libclang.clang_args)?;
-    let output = root.join(OUTPUT);
+    let output = args.bindings.unwrap_or_else(|| root.join(OUTPUT));
     if args.check {
         let committed = std::fs::read_to_string(&output).with_context(|| format!("reading {}", output.display()))?;
         if committed != fresh {

@@ -55,7 +55,7 @@ const MUTATIONS: &[Mutation] = &[
                 "                1,\n                t.data_ptr().cast::<u8>().add(offset as usize * t.dtype().size_in_bytes()).cast(),",
             ),
         ],
-        expected: "ops (views with an offset)",
+        expected: "ops: operators on views at an element offset (sim: 32-byte-aligned data, view inside its storage)",
     },
     Mutation {
         id: "no-sync-before-read",
@@ -65,14 +65,14 @@ const MUTATIONS: &[Mutation] = &[
             "        self.device.synchronize()?;\n        let api = self.device.api();\n        let f = sym!(api.runtime, aclrtMemcpy)?;",
             "        let api = self.device.api();\n        let f = sym!(api.runtime, aclrtMemcpy)?;",
         )],
-        expected: "ops, runtime (results read right after a launch)",
+        expected: "every test reading results (sim: unsynchronised host read of memory in use by queued work)",
     },
     Mutation {
         id: "double-destroy",
         rule: "AclTensorList::new lets its members' AclTensors destroy the tensors the list owns",
         file: "candle-ascend/src/aclnn/mod.rs",
         edits: &[("        tensors.into_iter().for_each(std::mem::forget);", "        drop(tensors);")],
-        expected: "attention (IFA key/value tensor lists)",
+        expected: "faults::tensor_list_owns_its_members (sim: a list-owned tensor cannot be destroyed)",
     },
     Mutation {
         id: "f16-as-bf16",
@@ -82,7 +82,7 @@ const MUTATIONS: &[Mutation] = &[
             "            DType::F16 => sys::aclDataType_ACL_FLOAT16,",
             "            DType::F16 => sys::aclDataType_ACL_BF16,",
         )],
-        expected: "ops (f16 operators)",
+        expected: "runtime::dtype_enum_values_match_the_contract, f16 operator tests",
     },
 ];
 

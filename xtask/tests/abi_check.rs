@@ -108,6 +108,12 @@ fn changed_argument_type_fails_naming_the_function() {
     assert!(!out.status.success(), "abi-check passed with a float epsilon:\n{text}");
     assert!(text.contains("MISMATCH function aclnnRmsNormGetWorkspaceSize"), "{text}");
     assert!(text.contains("1 mismatch(es)"), "{text}");
+    // Both declarations are shown, since the compiler names neither type.
+    assert!(
+        text.contains("ours: aclnnStatus aclnnRmsNormGetWorkspaceSize(") && text.contains("double epsilon"),
+        "{text}"
+    );
+    assert!(text.contains("toolkit (") && text.contains("float epsilon"), "{text}");
 }
 
 #[test]
