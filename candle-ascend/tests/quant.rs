@@ -1,9 +1,13 @@
-//! The int8 operators on ascend-sim against host references: quantize, quant matmul with the packed dequant
-//! scale, weight-only int8 matmul (per channel and per group).
+//! The int8 operators on ascend-sim against host references: quantize, per-token dynamic quantization, quant
+//! matmul with the packed dequant scale and with a per-token scale, weight-only int8 matmul (per channel, per
+//! group, into a strided output block), and the broadcasting multiply.
 
 mod common;
 
-use candle_ascend::aclnn::quant::{ascend_quant, pack_deq_scales, quant_matmul, weight_quant_matmul};
+use candle_ascend::aclnn::quant::{
+    ascend_quant, dynamic_quant, mul, pack_deq_scales, quant_matmul, quant_matmul_per_token, weight_quant_matmul,
+    weight_quant_matmul_into,
+};
 use candle_ascend::{DType, NpuTensor};
 use half::f16;
 
@@ -96,4 +100,121 @@ fn weight_quant_matmul_per_channel_and_per_group() {
     let got: Vec<f32> = y.to_vec::<f16>().expect("y").iter().map(|v| v.to_f32()).collect();
     common::assert_close(&got, &want, 5e-3, "per group");
     assert!(weight_quant_matmul(&xt, &wt, &gt, None, None, 16).is_err(), "group size not a multiple of 32");
+}
+
+#[test]
+fn dynamic_quant_is_per_row_symmetric() {
+    let dev = common::device();
+    // Row 0 ordinary, row 1 all zeros (scale 0; quantizes to zeros), row 2 with a tie at half a step.
+    let x = [0.5f32, -1.0, 0.25, 2.0, 0.0, 0.0, 0.0, 0.0, 127.0, 0.5, -63.5, -127.0];
+    let xt = NpuTensor::from_slice(&dev, &h(&x), &[3, 4]).expect("x");
+    let (q, scale) = dynamic_quant(&xt).expect("dynamic quant");
+    assert_eq!((q.dtype(), q.shape()), (DType::I8, &[3usize, 4][..]));
+    assert_eq!((scale.dtype(), scale.shape()), (DType::F32, &[3usize][..]));
+    let scale = scale.to_vec::<f32>().expect("scale");
+    assert_eq!(scale, vec![2.0 / 127.0, 0.0, 1.0]);
+    let want: Vec<i8> = x[..4].iter().map(|&v| (v / (2.0f32 / 127.0)).round() as i8).collect();
+    let q = q.to_vec::<i8>().expect("q");
+    assert_eq!(&q[..4], &want[..]);
+    assert_eq!(&q[4..], &[0, 0, 0, 0, 127, 1, -64, -127]);
+    // f32 input is outside the operator's contract.
+    let x32 = NpuTensor::from_slice(&dev, &x, &[3, 4]).expect("x32");
+    assert!(dynamic_quant(&x32).is_err());
+}
+
+#[test]
+fn quant_matmul_with_per_token_scale_and_float_bias() {
+    let dev = common::device();
+    let (m, k, n) = (3, 16, 5);
+    let x: Vec<i8> = (0..m * k).map(|i| ((i * 7) % 23) as i8 - 11).collect();
+    let w: Vec<i8> = (0..n * k).map(|i| ((i * 5) % 19) as i8 - 9).collect(); // (n, k)
+    let scales = [0.01f32, 0.02, 0.003, 0.5, 0.07];
+    let token = [0.5f32, 2.0, 0.125];
+    let bias = [0.25f32, -1.0, 0.0, 3.0, -0.5];
+    let xt = NpuTensor::from_slice(&dev, &x, &[m, k]).expect("x");
+    let wt = NpuTensor::from_slice(&dev, &w, &[n, k]).expect("w");
+    let st = NpuTensor::from_slice(&dev, &scales, &[n]).expect("scale");
+    let pt = NpuTensor::from_slice(&dev, &token, &[m]).expect("pertoken");
+    let bt = NpuTensor::from_slice(&dev, &bias, &[n]).expect("bias");
+    let want = |with_bias: bool| -> Vec<f32> {
+        (0..m)
+            .flat_map(|r| (0..n).map(move |c| (r, c)))
+            .map(|(r, c)| {
+                let acc: i32 = (0..k).map(|j| x[r * k + j] as i32 * w[c * k + j] as i32).sum();
+                acc as f32 * scales[c] * token[r] + if with_bias { bias[c] } else { 0.0 }
+            })
+            .collect()
+    };
+    for (out_dtype, tol) in [(DType::F16, 1e-3), (DType::BF16, 8e-3)] {
+        for with_bias in [false, true] {
+            let b = with_bias.then_some(&bt);
+            let y = quant_matmul_per_token(&xt, &wt, &st, &pt, b, true, out_dtype).expect("per-token matmul");
+            let got: Vec<f32> = match out_dtype {
+                DType::F16 => y.to_vec::<f16>().expect("y").iter().map(|v| v.to_f32()).collect(),
+                _ => y.to_vec::<half::bf16>().expect("y").iter().map(|v| v.to_f32()).collect(),
+            };
+            common::assert_close(&got, &want(with_bias), tol, &format!("per-token {out_dtype:?} bias={with_bias}"));
+        }
+    }
+    // The per-token scale must be f32 (m); an int32 bias is not the per-token form.
+    let bad_token = NpuTensor::from_slice(&dev, &token[..2], &[2]).expect("short pertoken");
+    assert!(quant_matmul_per_token(&xt, &wt, &st, &bad_token, None, true, DType::F16).is_err());
+    let int_bias = NpuTensor::from_slice(&dev, &[1i32; 5], &[n]).expect("int bias");
+    assert!(quant_matmul_per_token(&xt, &wt, &st, &pt, Some(&int_bias), true, DType::F16).is_err());
+    assert!(quant_matmul_per_token(&xt, &wt, &st, &pt, None, true, DType::F32).is_err(), "no f32 output");
+}
+
+#[test]
+fn weight_quant_matmul_into_a_column_block() {
+    let dev = common::device();
+    let (m, k, n) = (2, 32, 3);
+    let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.37).cos()).collect();
+    let w: Vec<i8> = (0..k * n).map(|i| ((i * 13) % 29) as i8 - 14).collect(); // (k, n)
+    let sc = [0.02f32, 0.01, 0.04];
+    let xt = NpuTensor::from_slice(&dev, &h(&x), &[m, k]).expect("x");
+    let wt = NpuTensor::from_slice(&dev, &w, &[k, n]).expect("w");
+    let st = NpuTensor::from_slice(&dev, &h(&sc), &[n]).expect("scale");
+    // Columns 2..5 of a (m, 7) output; the others keep their values.
+    let wide = NpuTensor::from_slice(&dev, &h(&[9.0; 14]), &[m, 7]).expect("out");
+    let block = wide.narrow(1, 2, n).expect("block");
+    weight_quant_matmul_into(&xt, &wt, &st, None, None, 0, &block).expect("into block");
+    let got: Vec<f32> = wide.to_vec::<f16>().expect("out").iter().map(|v| v.to_f32()).collect();
+    let xr: Vec<f32> = h(&x).iter().map(|v| v.to_f32()).collect();
+    for r in 0..m {
+        for c in 0..7 {
+            let want = if (2..5).contains(&c) {
+                let j = c - 2;
+                (0..k).map(|i| xr[r * k + i] * w[i * n + j] as f32 * h(&sc)[j].to_f32()).sum::<f32>()
+            } else {
+                9.0
+            };
+            let g = got[r * 7 + c];
+            assert!((g - want).abs() <= 5e-3 * (1.0 + want.abs()), "[{r}, {c}]: got {g}, want {want}");
+        }
+    }
+    let wrong = wide.narrow(1, 0, 2).expect("too narrow");
+    assert!(weight_quant_matmul_into(&xt, &wt, &st, None, None, 0, &wrong).is_err());
+}
+
+#[test]
+fn mul_broadcasts_and_mixes_float_dtypes() {
+    let dev = common::device();
+    let a: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let b = [2.0f32, -1.0, 0.25];
+    let at = NpuTensor::from_slice(&dev, &a, &[2, 3, 4]).expect("a");
+    let bt = NpuTensor::from_slice(&dev, &b, &[3, 1]).expect("b");
+    let y = mul(&at, &bt).expect("mul");
+    assert_eq!(y.shape(), &[2, 3, 4]);
+    let want: Vec<f32> = (0..24).map(|i| a[i] * b[(i / 4) % 3]).collect();
+    assert_eq!(y.to_vec::<f32>().expect("y"), want);
+    // f16 times an f32 broadcast row, output in the first operand's dtype; a strided (transposed) operand.
+    let ah = NpuTensor::from_slice(&dev, &h(&a[..12]), &[4, 3]).expect("ah").transpose(0, 1).expect("view");
+    let row = NpuTensor::from_slice(&dev, &[1.0f32, 2.0, 3.0, 4.0], &[4]).expect("row");
+    let y = mul(&ah, &row).expect("mixed mul");
+    assert_eq!((y.dtype(), y.shape()), (DType::F16, &[3usize, 4][..]));
+    let got: Vec<f32> = y.to_vec::<f16>().expect("y").iter().map(|v| v.to_f32()).collect();
+    let want: Vec<f32> = (0..12).map(|i| a[(i % 4) * 3 + i / 4] * (1 + i % 4) as f32).collect();
+    assert_eq!(got, want);
+    let bad = NpuTensor::from_slice(&dev, &[1.0f32; 5], &[5]).expect("bad");
+    assert!(mul(&at, &bad).is_err(), "shapes that do not broadcast");
 }

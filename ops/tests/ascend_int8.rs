@@ -87,7 +87,13 @@ fn check(id: &str, got: &NpuTensor, reference: &Tensor, tolerance: Tolerance) ->
 
 /// A host tensor `[.., K]` and the same values on the device; with `strided`, both are the same narrow of a wider
 /// tensor (the device one a strided view).
-fn activation(rng: &mut Rng, dev: &AscendDevice, shape: &[usize], dtype: DType, strided: bool) -> Result<(Tensor, NpuTensor)> {
+fn activation(
+    rng: &mut Rng,
+    dev: &AscendDevice,
+    shape: &[usize],
+    dtype: DType,
+    strided: bool,
+) -> Result<(Tensor, NpuTensor)> {
     let last = shape.len() - 1;
     if strided {
         let mut wide = shape.to_vec();
@@ -121,7 +127,12 @@ fn quantize_equals_the_cpu_bytes() -> Result<()> {
             // A scale that no half type holds exactly (the f32 fallback) and one that they do (the native path).
             let random_scale = rng.uniform(45.0, 60.0);
             for (scale, offset) in [(random_scale, rng.uniform(-6.0, 6.0).round()), (64.0, -3.0)] {
-                let id = case_id("ASCEND_QUANTIZE", dtype, &shape, &format!("scale={scale},offset={offset}{}", strided_label(strided)));
+                let id = case_id(
+                    "ASCEND_QUANTIZE",
+                    dtype,
+                    &shape,
+                    &format!("scale={scale},offset={offset}{}", strided_label(strided)),
+                );
                 let (host, npu) = activation(&mut rng, &dev, &shape, dtype, strided)?;
                 let got = npu_quant::quantize(&npu, scale, offset)?;
                 if got.shape() != shape.as_slice() || got.dtype() != NpuDType::I8 {
@@ -129,8 +140,12 @@ fn quantize_equals_the_cpu_bytes() -> Result<()> {
                 }
                 let got = got.to_vec::<i8>()?;
                 let cpu = ops::quantize(&host, scale, offset)?;
-                let reference: Vec<i8> =
-                    ops::quantize_reference(&host, scale, offset)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|&v| v as i8).collect();
+                let reference: Vec<i8> = ops::quantize_reference(&host, scale, offset)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|&v| v as i8)
+                    .collect();
                 if got != cpu.data || got != reference {
                     let at = got.iter().zip(&reference).position(|(a, b)| a != b).unwrap_or(0);
                     bail!("{id}: differs from the CPU bytes (first at flat index {at})");
@@ -155,11 +170,25 @@ fn static_quant_linear_matches_the_reference() -> Result<()> {
         let bias_q: Vec<i32> = (0..n).map(|_| rng.below(20001) as i32 - 10000).collect();
         let deq_scale: Vec<f32> = (0..n).map(|_| rng.uniform(2e-4, 2e-3)).collect();
         let (act_scale, act_offset) = (127.0 / rng.uniform(3.5, 4.5), rng.uniform(-5.0, 5.0).round());
-        let layer = npu_quant::QuantLinear::new(&dev, &w_q, (n, k), &bias_q, &deq_scale, act_scale, act_offset, npu_dtype(out_dtype))?;
+        let layer = npu_quant::QuantLinear::new(
+            &dev,
+            &w_q,
+            (n, k),
+            &bias_q,
+            &deq_scale,
+            act_scale,
+            act_offset,
+            npu_dtype(out_dtype),
+        )?;
         assert_eq!(layer.weight_bytes(), n * k);
         for x_dtype in ACTIVATION_DTYPES {
             for (shape, strided) in [(vec![1, 1, k], false), (vec![2, 7, k], false), (vec![3, 5, k], true)] {
-                let id = case_id("ASCEND_QUANT_LINEAR", x_dtype, &shape, &format!("out={}{}", out_dtype.as_str(), strided_label(strided)));
+                let id = case_id(
+                    "ASCEND_QUANT_LINEAR",
+                    x_dtype,
+                    &shape,
+                    &format!("out={}{}", out_dtype.as_str(), strided_label(strided)),
+                );
                 let (host, npu) = activation(&mut rng, &dev, &shape, x_dtype, strided)?;
                 let got = layer.forward(&npu)?;
                 if got.dtype() != npu_dtype(out_dtype) || got.shape() != [&shape[..2], &[n]].concat().as_slice() {
@@ -170,7 +199,12 @@ fn static_quant_linear_matches_the_reference() -> Result<()> {
                 check(&id, &got, &reference, TOL_STATIC(out_dtype))?;
                 // The CPU layer of the same contract agrees as well.
                 let cpu = ops::QuantLinear::new(&w_q, &bias_q, &deq_scale)?.forward(&host, act_scale, act_offset)?;
-                check(&format!("{id}/vs-cpu-layer"), &got, &cpu.to_dtype(DType::F32)?, TOL_STATIC(out_dtype).times(2.0))?;
+                check(
+                    &format!("{id}/vs-cpu-layer"),
+                    &got,
+                    &cpu.to_dtype(DType::F32)?,
+                    TOL_STATIC(out_dtype).times(2.0),
+                )?;
             }
         }
     }
@@ -188,7 +222,15 @@ fn per_token_quant_linear_matches_the_cpu_layer() -> Result<()> {
                 let w_q = random_i8(&mut rng, n * k);
                 let scale: Vec<f32> = (0..n).map(|_| rng.uniform(1e-3, 1e-2)).collect();
                 let bias = if with_bias { Some(rng.tensor(&[n], -1.0, 1.0, DType::F32)?) } else { None };
-                let layer = npu_quant::PerTokenQuantLinear::new(&dev, &w_q, (n, k), &scale, bias.as_ref(), hadamard, npu_dtype(dtype))?;
+                let layer = npu_quant::PerTokenQuantLinear::new(
+                    &dev,
+                    &w_q,
+                    (n, k),
+                    &scale,
+                    bias.as_ref(),
+                    hadamard,
+                    npu_dtype(dtype),
+                )?;
                 assert_eq!(layer.weight_bytes(), n * k);
                 let mut cpu = ops::QuantLinear::new(&w_q, &vec![0; n], &scale)?;
                 if hadamard > 0 {
@@ -196,16 +238,17 @@ fn per_token_quant_linear_matches_the_cpu_layer() -> Result<()> {
                 }
                 for x_dtype in [DType::F32, dtype] {
                     for (shape, strided) in [(vec![1, 1, k], false), (vec![3, 5, k], false), (vec![2, 3, k], true)] {
-                        let extra = format!("out={},hadamard={hadamard},bias={with_bias}{}", dtype.as_str(), strided_label(strided));
+                        let extra = format!(
+                            "out={},hadamard={hadamard},bias={with_bias}{}",
+                            dtype.as_str(),
+                            strided_label(strided)
+                        );
                         let id = case_id("ASCEND_PER_TOKEN_LINEAR", x_dtype, &shape, &extra);
                         // Outlier channels, which the per-token scale (and the rotation) must absorb.
                         let host = rng.tensor(&shape, -4.0, 4.0, x_dtype)?;
                         let host = host.broadcast_mul(&outlier_gains(k)?.to_dtype(x_dtype)?)?;
-                        let npu = if strided {
-                            widen_and_narrow(&dev, &host)?
-                        } else {
-                            NpuTensor::from_candle(&dev, &host)?
-                        };
+                        let npu =
+                            if strided { widen_and_narrow(&dev, &host)? } else { NpuTensor::from_candle(&dev, &host)? };
                         let got = layer.forward(&npu)?;
                         if got.dtype() != npu_dtype(dtype) || got.shape() != [&shape[..2], &[n]].concat().as_slice() {
                             bail!("{id}: got {got:?}");
@@ -253,7 +296,8 @@ fn weight_quant_linear_matches_the_reference() -> Result<()> {
                 let w_q = random_i8(&mut rng, n * k);
                 let scale: Vec<f32> = (0..n).map(|_| rng.uniform(1e-3, 2e-2)).collect();
                 let bias = if with_bias { Some(rng.tensor(&[n], -0.5, 0.5, DType::F32)?) } else { None };
-                let layer = npu_quant::WeightQuantLinear::new(&dev, &w_q, (n, k), &scale, bias.as_ref(), npu_dtype(dtype))?;
+                let layer =
+                    npu_quant::WeightQuantLinear::new(&dev, &w_q, (n, k), &scale, bias.as_ref(), npu_dtype(dtype))?;
                 assert_eq!(layer.weight_bytes(), n * k);
                 for x_dtype in ACTIVATION_DTYPES {
                     for (shape, strided) in &shapes {
@@ -352,7 +396,13 @@ fn kv_write_int8_equals_the_cpu_bytes() -> Result<()> {
 const HEAD_CASES: [(usize, usize, usize); 2] = [(4, 2, 64), (3, 3, 32)];
 
 /// q `[b, s, nq, d]` on the host and the device; with `strided`, a narrow over the head axis of a wider tensor.
-fn query(rng: &mut Rng, dev: &AscendDevice, shape: [usize; 4], dtype: DType, strided: bool) -> Result<(Tensor, NpuTensor)> {
+fn query(
+    rng: &mut Rng,
+    dev: &AscendDevice,
+    shape: [usize; 4],
+    dtype: DType,
+    strided: bool,
+) -> Result<(Tensor, NpuTensor)> {
     let [b, s, nq, d] = shape;
     if strided {
         let wide = rng.tensor(&[b, s, nq + 2, d], -1.5, 1.5, dtype)?;
@@ -372,7 +422,8 @@ fn decode_attention_int8_matches_the_reference() -> Result<()> {
         for (nq, nkv, d) in HEAD_CASES {
             // (cache batch, capacity, B', strided q)
             for (batch, capacity, q_batch, strided) in [(3, 40, 3, false), (4, 24, 2, true)] {
-                let kv_lens: Vec<usize> = (0..q_batch).map(|b| if b == 0 { capacity } else { 1 + rng.below(capacity) }).collect();
+                let kv_lens: Vec<usize> =
+                    (0..q_batch).map(|b| if b == 0 { capacity } else { 1 + rng.below(capacity) }).collect();
                 let extra = format!("Nkv={nkv},C={capacity},kv_lens={kv_lens:?}{}", strided_label(strided));
                 let id = case_id("ASCEND_DECODE_ATTENTION_INT8", dtype, &[q_batch, 1, nq, d], &extra);
                 let dims = (batch, capacity, nkv, d);
@@ -397,6 +448,9 @@ fn decode_attention_int8_matches_the_reference() -> Result<()> {
     Ok(())
 }
 
+/// (cache batch, capacity, S, q_start, q_lens, strided q).
+type PromptCase = (usize, usize, usize, Vec<usize>, Vec<usize>, bool);
+
 #[test]
 fn prompt_attention_int8_matches_the_reference() -> Result<()> {
     let dev = device();
@@ -405,14 +459,15 @@ fn prompt_attention_int8_matches_the_reference() -> Result<()> {
         for (nq, nkv, d) in HEAD_CASES {
             // (cache batch, capacity, S, q_start, q_lens, strided q): a ragged first prefill, a chunked prefill
             // after cached prefixes on a batch prefix of the cache, one sequence.
-            let cases: [(usize, usize, usize, Vec<usize>, Vec<usize>, bool); 3] = [
+            let cases: [PromptCase; 3] = [
                 (2, 32, 7, vec![0, 0], vec![7, 4], false),
                 (3, 40, 5, vec![9, 30], vec![5, 2], true),
                 (1, 16, 16, vec![0], vec![16], false),
             ];
             for (batch, capacity, s, q_start, q_lens, strided) in cases {
                 let q_batch = q_start.len();
-                let extra = format!("Nkv={nkv},C={capacity},q_start={q_start:?},q_lens={q_lens:?}{}", strided_label(strided));
+                let extra =
+                    format!("Nkv={nkv},C={capacity},q_start={q_start:?},q_lens={q_lens:?}{}", strided_label(strided));
                 let id = case_id("ASCEND_PROMPT_ATTENTION_INT8", dtype, &[q_batch, s, nq, d], &extra);
                 let dims = (batch, capacity, nkv, d);
                 let (k_cpu, k_npu) = filled_caches(&mut rng, &dev, dims, None, &id)?;
@@ -420,7 +475,8 @@ fn prompt_attention_int8_matches_the_reference() -> Result<()> {
                 let (q_host, q_npu) = query(&mut rng, &dev, [q_batch, s, nq, d], dtype, strided)?;
                 let scale = 1.0 / (d as f32).sqrt();
                 let got = npu_kv::prompt_attention_int8(&q_npu, &k_npu, &v_npu, &q_start, &q_lens, scale)?;
-                let reference = ops::prompt_attention_int8_reference(&q_host, &k_cpu, &v_cpu, &q_start, &q_lens, scale)?;
+                let reference =
+                    ops::prompt_attention_int8_reference(&q_host, &k_cpu, &v_cpu, &q_start, &q_lens, scale)?;
                 check(&id, &got, &reference.to_dtype(DType::F32)?, TOL_ATTENTION(dtype))?;
                 // Padding rows are exact zeros.
                 for (b, &len) in q_lens.iter().enumerate() {
