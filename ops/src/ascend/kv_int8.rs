@@ -18,7 +18,9 @@
 //!   product rounds), and the float `prompt_attention` runs over it. Its cost is one pass over the prefix per
 //!   prefill, small against the prefill's matmuls.
 //!
-//! Dtypes: the model dtype f16, bf16 or f32 for `new` and `q` (the operators take all three).
+//! Dtypes: f16, bf16 or f32 for `new` and `q`. The write runs in f32 whatever the dtype. The attention calls pass
+//! q's dtype through; the simulator takes all three, while the CANN docs describe the int8-KV antiquant path of
+//! IncreFlashAttentionV4 with f16/bf16 queries (f32 queries there are unverified without hardware).
 
 use std::sync::Mutex;
 
