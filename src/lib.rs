@@ -96,19 +96,34 @@ pub struct ModelOptions {
     pub calibration_text: Option<String>,
 }
 
+// One engine per loaded model: the size of the enum does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Engine {
     Cpu(Transformer<CpuBackend>),
     #[cfg(feature = "ascend")]
-    Npu(Transformer<AscendBackend>),
+    Npu(Box<Transformer<AscendBackend>>),
 }
 
-/// Runs `$body` with `$m` bound to the engine's transformer, whatever its backend.
+/// Runs `$body` with `$m` bound to the engine's transformer (`&` or `&mut`, whatever its backend).
 macro_rules! with_engine {
-    ($engine:expr, $m:ident => $body:expr) => {
-        match $engine {
+    (&$engine:expr, $m:ident => $body:expr) => {
+        match &$engine {
             Engine::Cpu($m) => $body,
             #[cfg(feature = "ascend")]
-            Engine::Npu($m) => $body,
+            Engine::Npu(boxed) => {
+                let $m = &**boxed;
+                $body
+            }
+        }
+    };
+    (&mut $engine:expr, $m:ident => $body:expr) => {
+        match &mut $engine {
+            Engine::Cpu($m) => $body,
+            #[cfg(feature = "ascend")]
+            Engine::Npu(boxed) => {
+                let $m = &mut **boxed;
+                $body
+            }
         }
     };
 }
@@ -178,7 +193,7 @@ impl Model {
             }
             #[cfg(feature = "ascend")]
             DeviceSpec::Npu(n) => {
-                Engine::Npu(Transformer::from_prepared(AscendBackend::new(n, dtype)?, &prepared, options.cache)?)
+                Engine::Npu(Box::new(Transformer::from_prepared(AscendBackend::new(n, dtype)?, &prepared, options.cache)?))
             }
             other => bail!("device {other} is not available in this build"),
         };
@@ -236,14 +251,14 @@ impl Model {
                 calibration,
             )?),
             #[cfg(feature = "ascend")]
-            DeviceSpec::Npu(n) => Engine::Npu(Transformer::new_calibrated(
+            DeviceSpec::Npu(n) => Engine::Npu(Box::new(Transformer::new_calibrated(
                 AscendBackend::new(n, dtype)?,
                 config,
                 weights,
                 options.cache,
                 quant,
                 calibration,
-            )?),
+            )?)),
             other => bail!("device {other} is not available in this build"),
         };
         Ok(Self { engine, tokenizer: None, device })

@@ -5,7 +5,6 @@
 
 use std::sync::OnceLock;
 
-
 #[allow(unused_imports)]
 pub use candle_ascend::testing::{api, device, hooks, sim_path};
 

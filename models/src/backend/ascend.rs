@@ -4,21 +4,26 @@
 //!
 //! Host data crosses the boundary only at the edges: weights at load, one host-to-device copy
 //! of a step's index lists (token ids, RoPE positions, rows to keep; see
-//! [`Backend::upload_indices`]) and one copy of the logits back. CANN is loaded at run time
+//! [`Backend::upload_indices`]) and one copy of the logits back. A prefill step also uploads
+//! its attention mask once (shared by every layer); decode steps need none. CANN is loaded at run time
 //! (`candle_ascend::Cann`); on a machine without it, [`AscendBackend::new`] fails with the list
 //! of directories searched.
 
 use super::{Backend, LinearWeights, StepPlan};
 use crate::model::KvQuant;
 use candle_ascend_ops::KvQuantParams;
+use candle_ascend_ops::ascend::attention::PromptMask;
 use candle_ascend_ops::ascend::{self as npu, AscendDevice, NpuDType, NpuTensor};
 use candle_core::{DType, Result, Tensor, bail};
+use std::sync::{Arc, Mutex};
 
 /// Runs the decoder on one Ascend NPU in f16 (the default), bf16 or f32.
 #[derive(Debug, Clone)]
 pub struct AscendBackend {
     device: AscendDevice,
     dtype: DType,
+    /// The prefill mask of the current step, uploaded by the first layer and reused by the others.
+    prompt_mask: Arc<Mutex<Option<PromptMask>>>,
 }
 
 impl AscendBackend {
@@ -30,13 +35,24 @@ impl AscendBackend {
     /// Runs on an already opened device (tests open the simulator explicitly).
     pub fn with_device(device: AscendDevice, dtype: DType) -> Result<Self> {
         match dtype {
-            DType::F16 | DType::BF16 | DType::F32 => Ok(Self { device, dtype }),
+            DType::F16 | DType::BF16 | DType::F32 => Ok(Self { device, dtype, prompt_mask: Arc::default() }),
             other => bail!("npu backend: unsupported activation dtype {other:?} (use f16, bf16 or f32)"),
         }
     }
 
     pub fn device(&self) -> &AscendDevice {
         &self.device
+    }
+
+    /// The step's prefill mask: the cached one when it describes this step, else a new upload.
+    fn prompt_mask(&self, q_rows: usize, capacity: usize, plan: &StepPlan<'_>) -> Result<PromptMask> {
+        let mut cached = self.prompt_mask.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(mask) = cached.as_ref().filter(|m| m.matches(q_rows, capacity, plan.start, plan.lens)) {
+            return Ok(mask.clone());
+        }
+        let mask = PromptMask::new(&self.device, q_rows, capacity, plan.start, plan.lens)?;
+        *cached = Some(mask.clone());
+        Ok(mask)
     }
 
     fn npu_dtype(&self) -> NpuDType {
@@ -65,7 +81,7 @@ pub enum AscendLinear {
 #[derive(Debug)]
 pub enum AscendKvCache {
     Float { k: NpuTensor, v: NpuTensor },
-    Int8 { k: npu::kv_int8::Int8KvCache, v: npu::kv_int8::Int8KvCache },
+    Int8 { k: Box<npu::kv_int8::Int8KvCache>, v: Box<npu::kv_int8::Int8KvCache> },
 }
 
 /// One of a step's index lists on the device: a view into the step's single upload (`None`
@@ -145,8 +161,8 @@ impl Backend for AscendBackend {
                 npu::kv_int8::Int8KvCache::new(&self.device, batch, capacity, kv_heads, head_dim, &p)
             };
             return Ok(AscendKvCache::Int8 {
-                k: new(params(&q.k_scale, &q.k_offset))?,
-                v: new(params(&q.v_scale, &q.v_offset))?,
+                k: Box::new(new(params(&q.k_scale, &q.k_offset))?),
+                v: Box::new(new(params(&q.v_scale, &q.v_offset))?),
             });
         }
         // Zero-filled once at load (positions past a sequence's length are masked, never read as data).
@@ -202,6 +218,21 @@ impl Backend for AscendBackend {
         Ok(rows.reshape(&[batch, seq, table.shape()[1]])?)
     }
 
+    fn linear_gathers_rows(&self, w: &AscendLinear) -> bool {
+        matches!(w, AscendLinear::Int8Weight(_))
+    }
+
+    fn gather_linear_rows(&self, w: &AscendLinear, ids: &NpuIndices, batch: usize, seq: usize) -> Result<NpuTensor> {
+        let AscendLinear::Int8Weight(l) = w else {
+            bail!("npu: embedding rows can only be read from an int8-weight (W8A16) linear");
+        };
+        let ids = ids.tensor("gather_linear_rows")?;
+        if ids.elem_count() != batch * seq {
+            bail!("npu gather_linear_rows: {} ids for a [{batch}, {seq}] step", ids.elem_count());
+        }
+        Ok(l.gather_rows(ids)?.reshape(&[batch, seq, l.in_features()])?)
+    }
+
     fn linear(&self, x: &NpuTensor, w: &AscendLinear) -> Result<NpuTensor> {
         match w {
             AscendLinear::Float(l) => l.forward(x),
@@ -241,15 +272,23 @@ impl Backend for AscendBackend {
         npu::elementwise::rope(x, cos, sin)
     }
 
-    fn kv_write(&self, cache: &mut AscendKvCache, k: &NpuTensor, v: &NpuTensor, plan: &StepPlan<'_>) -> Result<()> {
+    fn kv_write(
+        &self,
+        cache: &mut AscendKvCache,
+        k: &NpuTensor,
+        v: &NpuTensor,
+        plan: &StepPlan<'_>,
+        starts: &NpuIndices,
+    ) -> Result<()> {
+        let starts = starts.tensor("kv_write")?;
         match cache {
             AscendKvCache::Float { k: kc, v: vc } => {
-                npu::kv_cache::kv_write(&kc.narrow(0, 0, plan.batch)?, k, plan.start)?;
-                npu::kv_cache::kv_write(&vc.narrow(0, 0, plan.batch)?, v, plan.start)
+                npu::kv_cache::kv_write_at(&kc.narrow(0, 0, plan.batch)?, k, plan.start, starts)?;
+                npu::kv_cache::kv_write_at(&vc.narrow(0, 0, plan.batch)?, v, plan.start, starts)
             }
             AscendKvCache::Int8 { k: kc, v: vc } => {
-                npu::kv_int8::kv_write_int8(kc, k, plan.start)?;
-                npu::kv_int8::kv_write_int8(vc, v, plan.start)
+                npu::kv_int8::kv_write_int8_at(kc, k, plan.start, starts)?;
+                npu::kv_int8::kv_write_int8_at(vc, v, plan.start, starts)
             }
         }
     }
@@ -263,7 +302,8 @@ impl Backend for AscendBackend {
                 if plan.is_decode() {
                     npu::attention::decode_attention(q, &k, &v, &kv_lens, scale)?
                 } else {
-                    npu::attention::prompt_attention(q, &k, &v, plan.start, plan.lens, scale)?
+                    let mask = self.prompt_mask(s, k.shape()[1], plan)?;
+                    npu::attention::prompt_attention_masked(q, &k, &v, &mask, scale)?
                 }
             }
             AscendKvCache::Int8 { k, v } => {

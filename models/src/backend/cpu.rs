@@ -179,7 +179,14 @@ impl Backend for CpuBackend {
         ops::rope(x, cos, sin)
     }
 
-    fn kv_write(&self, cache: &mut CpuKvCache, k: &Tensor, v: &Tensor, plan: &StepPlan<'_>) -> Result<()> {
+    fn kv_write(
+        &self,
+        cache: &mut CpuKvCache,
+        k: &Tensor,
+        v: &Tensor,
+        plan: &StepPlan<'_>,
+        _starts: &Vec<u32>,
+    ) -> Result<()> {
         match cache {
             CpuKvCache::Float { k: kc, v: vc } => {
                 ops::kv_write(&batch_view(kc, plan.batch)?, k, plan.start)?;

@@ -139,13 +139,15 @@ pub trait Backend: Send + Sync + Sized {
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
     /// Half-rotation RoPE on `[B, S, N, D]` with `cos`/`sin` `[B, S, D]`.
     fn rope(&self, x: &Self::Tensor, cos: &Self::Tensor, sin: &Self::Tensor) -> Result<Self::Tensor>;
-    /// Writes this step's k and v into the cache at `plan.start[b]`.
+    /// Writes this step's k and v into the cache at `plan.start[b]`; `starts` holds the same
+    /// positions as uploaded with the step's other indices.
     fn kv_write(
         &self,
         cache: &mut Self::KvCache,
         k: &Self::Tensor,
         v: &Self::Tensor,
         plan: &StepPlan<'_>,
+        starts: &Self::Indices,
     ) -> Result<()>;
     /// Fused attention of this step's q over the cache: `[B, S, nq, D]` -> `[B, S, nq * D]`.
     fn attention(

@@ -318,8 +318,11 @@ impl<B: Backend> Transformer<B> {
             vec![]
         };
         // All of the step's indices reach the device in one copy.
-        let mut indices = be.upload_indices(&[ids, &positions, &last_rows])?.into_iter();
-        let (Some(ids), Some(positions), Some(last_rows)) = (indices.next(), indices.next(), indices.next()) else {
+        let starts: Vec<u32> = start.iter().map(|&s| s as u32).collect();
+        let mut indices = be.upload_indices(&[ids, &positions, &last_rows, &starts])?.into_iter();
+        let (Some(ids), Some(positions), Some(last_rows), Some(starts)) =
+            (indices.next(), indices.next(), indices.next(), indices.next())
+        else {
             return Err(ModelError::InvalidInput("backend returned fewer index lists than uploaded".into()));
         };
         let cos = be.gather_rows(&self.rope_cos, &positions, batch, seq_len)?;
@@ -336,7 +339,7 @@ impl<B: Backend> Transformer<B> {
             let (q, k, v) = be.split_qkv(&qkv, nq, nkv, d)?;
             let q = be.rope(&q, &cos, &sin)?;
             let k = be.rope(&k, &cos, &sin)?;
-            be.kv_write(cache, &k, &v, &plan)?;
+            be.kv_write(cache, &k, &v, &plan, &starts)?;
             let attn = be.attention(&q, cache, &plan, scale)?;
             let attn_out = be.linear(&attn, &layer.o_proj)?;
             let (normed, sum) = be.add_rms_norm(&attn_out, &residual, &layer.post_attention_norm, eps)?;

@@ -195,7 +195,14 @@ impl Backend for Observer {
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         self.inner.rope(x, cos, sin)
     }
-    fn kv_write(&self, c: &mut Self::KvCache, k: &Tensor, v: &Tensor, plan: &StepPlan<'_>) -> candle_core::Result<()> {
+    fn kv_write(
+        &self,
+        c: &mut Self::KvCache,
+        k: &Tensor,
+        v: &Tensor,
+        plan: &StepPlan<'_>,
+        starts: &Vec<u32>,
+    ) -> candle_core::Result<()> {
         {
             let mut ranges =
                 self.kv_ranges.lock().map_err(|_| candle_core::Error::Msg("calibration state poisoned".into()))?;
@@ -207,7 +214,7 @@ impl Backend for Observer {
             pair[0].update(k)?;
             pair[1].update(v)?;
         }
-        self.inner.kv_write(&mut c.1, k, v, plan)
+        self.inner.kv_write(&mut c.1, k, v, plan, starts)
     }
     fn attention(&self, q: &Tensor, c: &Self::KvCache, plan: &StepPlan<'_>, scale: f32) -> candle_core::Result<Tensor> {
         self.inner.attention(q, &c.1, plan, scale)

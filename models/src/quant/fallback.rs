@@ -371,14 +371,21 @@ impl Backend for Comparing {
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         self.inner.rope(x, cos, sin)
     }
-    fn kv_write(&self, c: &mut Self::KvCache, k: &Tensor, v: &Tensor, plan: &StepPlan<'_>) -> candle_core::Result<()> {
+    fn kv_write(
+        &self,
+        c: &mut Self::KvCache,
+        k: &Tensor,
+        v: &Tensor,
+        plan: &StepPlan<'_>,
+        starts: &Vec<u32>,
+    ) -> candle_core::Result<()> {
         if let Some(kv) = &c.1 {
             let (dk, rk) = sq_diff(k, &Self::fake_quant(k, &kv.k_scale, &kv.k_offset)?)?;
             let (dv, rv) = sq_diff(v, &Self::fake_quant(v, &kv.v_scale, &kv.v_offset)?)?;
             Self::record(&self.kv_errors, 2 * c.0, c.0, dk, rk)?;
             Self::record(&self.kv_errors, 2 * c.0 + 1, c.0, dv, rv)?;
         }
-        self.inner.kv_write(&mut c.2, k, v, plan)
+        self.inner.kv_write(&mut c.2, k, v, plan, starts)
     }
     fn attention(&self, q: &Tensor, c: &Self::KvCache, plan: &StepPlan<'_>, scale: f32) -> candle_core::Result<Tensor> {
         self.inner.attention(q, &c.2, plan, scale)

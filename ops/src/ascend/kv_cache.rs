@@ -11,6 +11,20 @@ use super::{NpuDType, NpuTensor};
 /// [B,S,H,D] (maybe strided): cache[b, positions[b]+i] = new[b,i]. f32, f16 or bf16, one dtype; every
 /// `positions[b] + S <= C`; `new` must not share memory with `cache`.
 pub fn kv_write(cache: &NpuTensor, new: &NpuTensor, positions: &[usize]) -> Result<()> {
+    let indices: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+    let indices = NpuTensor::from_slice(cache.device(), &indices, &[indices.len()])?;
+    kv_write_at(cache, new, positions, &indices)
+}
+
+/// [`kv_write`] with the positions already on the device: `device_positions` (i32/i64 `[B]`) holds the values of
+/// `positions` (which are checked on the host), so a step that uploaded them with its other indices makes no
+/// further copy.
+pub fn kv_write_at(
+    cache: &NpuTensor,
+    new: &NpuTensor,
+    positions: &[usize],
+    device_positions: &NpuTensor,
+) -> Result<()> {
     const OP: &str = "kv_write";
     if !matches!(cache.dtype(), NpuDType::F32 | NpuDType::F16 | NpuDType::BF16) || new.dtype() != cache.dtype() {
         bail!("{OP}: cache and new must share one float dtype, got {:?} and {:?}", cache.dtype(), new.dtype());
@@ -34,11 +48,12 @@ pub fn kv_write(cache: &NpuTensor, new: &NpuTensor, positions: &[usize]) -> Resu
     if new.same_buffer(cache) {
         bail!("{OP}: new must not share memory with the cache");
     }
+    if device_positions.shape() != [batch] {
+        bail!("{OP}: device positions {:?} for {batch} sequences", device_positions.shape());
+    }
     if len == 0 {
         return Ok(());
     }
-    let indices: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
-    let indices = NpuTensor::from_slice(cache.device(), &indices, &[batch])?;
-    acl::scatter_update_(cache, &indices, new, 1)?;
+    acl::scatter_update_(cache, device_positions, new, 1)?;
     Ok(())
 }

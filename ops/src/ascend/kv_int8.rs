@@ -187,6 +187,20 @@ impl Int8KvCache {
 /// `positions[b] + S <= C`. The bytes equal `crate::kv_write_int8_reference`. Errors (nothing written) on bad
 /// shapes, dtypes or positions.
 pub fn kv_write_int8(cache: &Int8KvCache, new: &NpuTensor, positions: &[usize]) -> Result<()> {
+    let starts: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+    let starts = NpuTensor::from_slice(cache.data.device(), &starts, &[starts.len()])?;
+    kv_write_int8_at(cache, new, positions, &starts)
+}
+
+/// [`kv_write_int8`] with the positions already on the device: `device_positions` (i32/i64 `[B']`) holds the
+/// values of `positions` (checked on the host), so a step that uploaded them with its other indices makes no
+/// further copy.
+pub fn kv_write_int8_at(
+    cache: &Int8KvCache,
+    new: &NpuTensor,
+    positions: &[usize],
+    device_positions: &NpuTensor,
+) -> Result<()> {
     const OP: &str = "ascend::kv_write_int8";
     check_float(OP, new)?;
     let (batch, capacity, heads, dim) = cache.dims;
@@ -206,6 +220,9 @@ pub fn kv_write_int8(cache: &Int8KvCache, new: &NpuTensor, positions: &[usize]) 
     if new.same_buffer(&cache.data) {
         bail!("{OP}: new must not share memory with the cache");
     }
+    if device_positions.shape() != [new_batch] {
+        bail!("{OP}: device positions {:?} for a batch of {new_batch}", device_positions.shape());
+    }
     if new_batch == 0 || len == 0 {
         return Ok(());
     }
@@ -213,9 +230,7 @@ pub fn kv_write_int8(cache: &Int8KvCache, new: &NpuTensor, positions: &[usize]) 
     let rows = wide.reshape(&[new_batch, len, heads * dim])?;
     let quantized = aq::ascend_quant(&rows, &cache.write_scale, Some(&cache.write_offset), 2)?;
     let quantized = quantized.reshape(&[new_batch, len, heads, dim])?;
-    let starts: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
-    let starts = NpuTensor::from_slice(cache.data.device(), &starts, &[new_batch])?;
-    acl::scatter_update_(&cache.data.narrow(0, 0, new_batch)?, &starts, &quantized, 1)?;
+    acl::scatter_update_(&cache.data.narrow(0, 0, new_batch)?, device_positions, &quantized, 1)?;
     Ok(())
 }
 

@@ -113,6 +113,7 @@ fn upload_bias(
 
 /// Static per-tensor activation quantization, `q = saturate(round(x * scale + offset))`, with its parameters
 /// uploaded once per dtype in which they are exact (f32 always).
+#[derive(Debug)]
 struct StaticActivationQuant {
     scale: f32,
     offset: f32,
@@ -166,6 +167,7 @@ pub fn quantize(x: &NpuTensor, scale: f32, offset: f32) -> Result<NpuTensor> {
 
 /// A8W8 with static per-tensor activations (DESIGN.md section 6):
 /// `y = (quantize(x, act_scale, act_offset) @ w_q^T + bias_q) * deq_scale[n]`, output in the layer's dtype.
+#[derive(Debug)]
 pub struct QuantLinear {
     /// `[N, K]` int8.
     weight: NpuTensor,
@@ -234,6 +236,7 @@ impl QuantLinear {
 /// rows, aclnnDynamicQuant (`s[m] = max|x[m, :]| / 127`), aclnnQuantMatmulV4 with `scale` per output channel
 /// and the per-token scales, then the float bias. The contract of `crate::QuantLinear::forward_per_token` with
 /// `deq_scale = scale`, a zero `bias_q` (and `with_input_hadamard(hadamard)` when `hadamard > 0`), plus `bias`.
+#[derive(Debug)]
 pub struct PerTokenQuantLinear {
     /// `[N, K]` int8 (already the rotated `W H` with a Hadamard block).
     weight: NpuTensor,
@@ -333,6 +336,7 @@ const WQBMM_MAX_DIM: usize = 65535;
 
 /// W8A16: `y = x @ (w_q * scale[n])^T + bias` (aclnnWeightQuantBatchMatmulV2, per-channel antiquant, no offset).
 /// N above 65535 (an lm_head) runs as column blocks written into one output.
+#[derive(Debug)]
 pub struct WeightQuantLinear {
     /// `[N, K]` int8.
     weight: NpuTensor,
@@ -405,5 +409,19 @@ impl WeightQuantLinear {
     /// Bytes of int8 weights read per forward (`N * K`).
     pub fn weight_bytes(&self) -> usize {
         self.out_features * self.in_features
+    }
+
+    /// Rows `ids` (i32/i64 `[M]` on the device) of the dequantized weight, `w_q[id, :] * scale[id]` -> `[M, K]`
+    /// in the layer's dtype: a tied int8 lm_head read as the embedding table (aclnnEmbedding of the int8 rows and
+    /// of the scales, aclnnCast, aclnnMul).
+    pub fn gather_rows(&self, ids: &NpuTensor) -> Result<NpuTensor> {
+        let rows = candle_ascend::aclnn::ops::embedding(&self.weight, ids)?;
+        let rows = candle_ascend::aclnn::ops::cast(&rows, self.dtype)?;
+        let scale = candle_ascend::aclnn::ops::embedding(&self.scale.reshape(&[self.out_features, 1])?, ids)?;
+        Ok(aq::mul(&rows, &scale)?)
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
     }
 }
