@@ -192,9 +192,11 @@ impl Model {
                 Engine::Cpu(Transformer::from_prepared(CpuBackend::new(dtype)?, &prepared, options.cache)?)
             }
             #[cfg(feature = "ascend")]
-            DeviceSpec::Npu(n) => {
-                Engine::Npu(Box::new(Transformer::from_prepared(AscendBackend::new(n, dtype)?, &prepared, options.cache)?))
-            }
+            DeviceSpec::Npu(n) => Engine::Npu(Box::new(Transformer::from_prepared(
+                AscendBackend::new(n, dtype)?,
+                &prepared,
+                options.cache,
+            )?)),
             other => bail!("device {other} is not available in this build"),
         };
         Ok(Self { engine, tokenizer: Some(tokenizer), device })
@@ -338,7 +340,12 @@ fn check_device(device: DeviceSpec) -> Result<()> {
             // Fails here, before any weight is read, with the directories searched for CANN.
             let count = candle_ascend_models::candle_ascend::Cann::global()
                 .and_then(|api| api.device_count())
-                .with_context(|| format!("device {device}: CANN is not usable"))?;
+                .with_context(|| {
+                    format!(
+                        "device {device}: CANN is not usable (install CANN or set ASCEND_TOOLKIT_HOME; to try the NPU \
+                         path without hardware, point CANDLE_ASCEND_SIM at ascend-sim's libascend_sim.so)"
+                    )
+                })?;
             if n >= count {
                 bail!("device {device} does not exist ({count} NPU(s) found)");
             }

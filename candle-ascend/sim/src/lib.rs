@@ -15,9 +15,9 @@
 //!   of memory written by queued work before its stream was synchronised fails with ACL_ERROR_INVALID_PARAM, as do
 //!   synchronous host writes into and aclrtFree of memory that queued work still uses;
 //! - operators validate shapes and dtypes against their documented support and compute in f32 on the host
-//!   (RmsNorm, AddRmsNorm, Cast, SwiGlu, Matmul, Embedding, ArgMax, InplaceScatterUpdate, RotaryPositionEmbedding,
-//!   ApplyRotaryPosEmb, AscendQuantV3, QuantMatmulV4 (f16 output requires the uint64 packed scale, as on A2),
-//!   WeightQuantBatchMatmulV2, PromptFlashAttentionV3, IncreFlashAttentionV4); a fully masked prefill row without
+//!   (RmsNorm, AddRmsNorm, Add, Mul, Cast, SwiGlu, Matmul, Embedding, ArgMax, InplaceScatterUpdate,
+//!   RotaryPositionEmbedding, ApplyRotaryPosEmb, AscendQuantV3, DynamicQuant, QuantMatmulV4 (f16 output requires the
+//!   uint64 packed scale, as on A2, unless a per-token scale is given), WeightQuantBatchMatmulV2, PromptFlashAttentionV3, IncreFlashAttentionV4); a fully masked prefill row without
 //!   innerPrecise bit 1 is an error; a kernel failure (e.g. an embedding id out of range) is reported by the next
 //!   aclrtSynchronizeStream with ACLNN_ERR_RUNTIME_ERROR.
 //!

@@ -1,8 +1,8 @@
 //! The operators, computed in f32 on the host. Phase 1 validates shapes and dtypes against each operator's
 //! documented support (cann-facts.md 2.5) and captures tensor snapshots in an executor; phase 2 is the shared
 //! [`launch`]. Here: the shared element access, RmsNorm, AddRmsNorm, Cast, SwiGlu; [`matmul`], [`index`]
-//! (Embedding, ArgMax, InplaceScatterUpdate), [`rope`], [`add`] (Add, broadcasting), [`attention`] and [`quant`]
-//! (AscendQuantV3, QuantMatmulV4, WeightQuantBatchMatmulV2) hold the rest.
+//! (Embedding, ArgMax, InplaceScatterUpdate), [`rope`], [`add`] (Add, broadcasting), [`mul`] (Mul, broadcasting),
+//! [`attention`] and [`quant`] (AscendQuantV3, DynamicQuant, QuantMatmulV4, WeightQuantBatchMatmulV2) hold the rest.
 
 mod add;
 mod attention;
