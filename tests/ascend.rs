@@ -300,6 +300,19 @@ fn injected_faults_surface_as_errors_and_the_next_request_works() {
     assert!(err.to_string().contains("aclnnRmsNorm"), "unexpected error: {err}");
     let again = m.forward(&prompt, 7, &[0], &[7]).unwrap();
     assert_eq!(relative_error(&again, &clean).unwrap(), 0.0, "the step after a fault differs from a clean one");
+
+    // Out of device memory in the middle of a step (the pool's cache trimmed so that the step must allocate).
+    device.trim_pool().unwrap();
+    // SAFETY: simulator hooks taking and returning plain values.
+    let live = unsafe { (hooks.live_device_bytes)() };
+    // SAFETY: as above.
+    unsafe { (hooks.set_alloc_limit)(live + 4096) };
+    let err = m.forward(&prompt, 7, &[0], &[7]).unwrap_err();
+    // SAFETY: as above.
+    unsafe { (hooks.set_alloc_limit)(u64::MAX) };
+    assert!(err.to_string().contains("aclrtMalloc"), "unexpected error: {err}");
+    let again = m.forward(&prompt, 7, &[0], &[7]).unwrap();
+    assert_eq!(relative_error(&again, &clean).unwrap(), 0.0, "the step after a failed allocation differs");
     drop(m);
     device.trim_pool().unwrap();
     assert_eq!(device.pool_stats().live_bytes, live_before.live_bytes, "device memory leaked after the faults");
