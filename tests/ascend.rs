@@ -192,6 +192,18 @@ fn real_models_on_the_npu_match_the_cpu_path_in_f16() {
     }
 }
 
+/// `ckpt` quantized with `quant` and `calibration` on `backend`.
+fn quantize_on<B: Backend>(
+    backend: B,
+    ckpt: &candle_ascend_models::loader::Checkpoint,
+    quant: &QuantConfig,
+    calibration: &candle_ascend_models::quant::Calibration,
+    cache: CacheConfig,
+) -> Transformer<B> {
+    Transformer::new_calibrated(backend, ckpt.config.clone(), &ckpt.weights, cache, Some(quant), Some(calibration))
+        .unwrap()
+}
+
 #[test]
 fn a8w8c8_on_the_npu_tracks_the_float_model() {
     let _serial = serial();
@@ -208,24 +220,8 @@ fn a8w8c8_on_the_npu_tracks_the_float_model() {
     let cache = CacheConfig { max_batch: 1, max_seq_len: ids.len() + 1 };
     let mut float =
         Transformer::new(CpuBackend::new(DType::F32).unwrap(), ckpt.config.clone(), &ckpt.weights, cache).unwrap();
-    let mut quantized = Transformer::new_calibrated(
-        npu(DType::F16),
-        ckpt.config.clone(),
-        &ckpt.weights,
-        cache,
-        Some(&quant),
-        Some(&calibration),
-    )
-    .unwrap();
-    let mut cpu_quantized = Transformer::new_calibrated(
-        CpuBackend::new(DType::F32).unwrap(),
-        ckpt.config.clone(),
-        &ckpt.weights,
-        cache,
-        Some(&quant),
-        Some(&calibration),
-    )
-    .unwrap();
+    let mut quantized = quantize_on(npu(DType::F16), &ckpt, &quant, &calibration, cache);
+    let mut cpu_quantized = quantize_on(CpuBackend::new(DType::F32).unwrap(), &ckpt, &quant, &calibration, cache);
     let n = ids.len();
     let want = float.forward_all(&ids, n, &[0], &[n]).unwrap().squeeze(0).unwrap();
     let got = quantized.forward_all(&ids, n, &[0], &[n]).unwrap().squeeze(0).unwrap();

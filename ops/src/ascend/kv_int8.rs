@@ -28,25 +28,12 @@ use candle_ascend::aclnn::attention::{AttentionLayout, AttentionParams, incre_fl
 use candle_ascend::aclnn::ops as acl;
 use candle_ascend::aclnn::quant as aq;
 use candle_core::{Result, bail};
-use half::{bf16, f16};
 
+use super::quant::upload_float;
 use super::{AscendDevice, NpuDType, NpuTensor};
 use crate::KvQuantParams;
 
 const FLOAT_DTYPES: [NpuDType; 3] = [NpuDType::F32, NpuDType::F16, NpuDType::BF16];
-
-fn upload(device: &AscendDevice, values: &[f32], shape: &[usize], dtype: NpuDType) -> Result<NpuTensor> {
-    Ok(match dtype {
-        NpuDType::F16 => {
-            NpuTensor::from_slice(device, &values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(), shape)?
-        }
-        NpuDType::BF16 => {
-            NpuTensor::from_slice(device, &values.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), shape)?
-        }
-        NpuDType::F32 => NpuTensor::from_slice(device, values, shape)?,
-        other => bail!("Int8KvCache: {other:?} is not a float dtype"),
-    })
-}
 
 fn check_float(op: &str, t: &NpuTensor) -> Result<()> {
     match t.dtype() {
@@ -110,8 +97,8 @@ impl Int8KvCache {
         let zero_point: Vec<f32> = params.offset.iter().map(|o| -o).collect();
         let mut dequant = Vec::with_capacity(FLOAT_DTYPES.len());
         for dtype in FLOAT_DTYPES {
-            let scale = upload(device, &params.scale, &[kv_heads, head_dim], dtype)?;
-            let offset = upload(device, &params.offset, &[kv_heads, head_dim], dtype)?;
+            let scale = upload_float(device, &params.scale, &[kv_heads, head_dim], dtype)?;
+            let offset = upload_float(device, &params.offset, &[kv_heads, head_dim], dtype)?;
             dequant.push((dtype, scale, offset));
         }
         Ok(Self {
@@ -174,8 +161,9 @@ impl Int8KvCache {
         let (_, _, heads, dim) = self.dims;
         let stacked = |k: &[f32], v: &[f32]| [k, v].concat();
         let device = self.data.device();
-        let scale = upload(device, &stacked(&self.params.scale, &value.params.scale), &[2, heads, dim], dtype)?;
-        let offset = upload(device, &stacked(&self.params.offset, &value.params.offset), &[2, heads, dim], dtype)?;
+        let scale = upload_float(device, &stacked(&self.params.scale, &value.params.scale), &[2, heads, dim], dtype)?;
+        let offset =
+            upload_float(device, &stacked(&self.params.offset, &value.params.offset), &[2, heads, dim], dtype)?;
         memo.push(Antiquant { value_storage, dtype, scale: scale.clone(), offset: offset.clone() });
         Ok((scale, offset))
     }

@@ -45,7 +45,12 @@ fn representable(v: f32, dtype: NpuDType) -> bool {
 }
 
 /// A host f32 slice uploaded as a device tensor of `dtype` (f32, f16 or bf16).
-fn upload_float(device: &AscendDevice, values: &[f32], shape: &[usize], dtype: NpuDType) -> Result<NpuTensor> {
+pub(super) fn upload_float(
+    device: &AscendDevice,
+    values: &[f32],
+    shape: &[usize],
+    dtype: NpuDType,
+) -> Result<NpuTensor> {
     Ok(match dtype {
         NpuDType::F16 => {
             NpuTensor::from_slice(device, &values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(), shape)?
@@ -89,9 +94,13 @@ fn out_shape(x: &NpuTensor, n: usize) -> Vec<usize> {
 }
 
 /// Checks `w_q` against `(N, K)` and that the matmul dims fit.
-fn check_weight(op: &str, w_q: &[i8], (n, k): (usize, usize)) -> Result<()> {
+/// `w_q` holds a non-empty `[N, K]` matrix and `scale` one value per output channel.
+fn check_weight(op: &str, w_q: &[i8], (n, k): (usize, usize), scale: &[f32]) -> Result<()> {
     if n == 0 || k == 0 || n.checked_mul(k) != Some(w_q.len()) {
         bail!("{op}: w_q has {} values, not a non-empty [N={n}, K={k}] matrix", w_q.len());
+    }
+    if scale.len() != n {
+        bail!("{op}: scale has {} values, expected N = {n}", scale.len());
     }
     Ok(())
 }
@@ -197,10 +206,10 @@ impl QuantLinear {
         dtype: NpuDType,
     ) -> Result<Self> {
         const OP: &str = "ascend::QuantLinear";
-        check_weight(OP, w_q, shape)?;
+        check_weight(OP, w_q, shape, deq_scale)?;
         let (n, k) = shape;
-        if bias_q.len() != n || deq_scale.len() != n {
-            bail!("{OP}: bias_q has {} and deq_scale {} values, expected N = {n}", bias_q.len(), deq_scale.len());
+        if bias_q.len() != n {
+            bail!("{OP}: bias_q has {} values, expected N = {n}", bias_q.len());
         }
         let deq_scale = match dtype {
             NpuDType::F16 => NpuTensor::from_slice(device, &aq::pack_deq_scales(deq_scale), &[n])?,
@@ -278,11 +287,8 @@ impl PerTokenQuantLinear {
         dtype: NpuDType,
     ) -> Result<Self> {
         const OP: &str = "ascend::PerTokenQuantLinear";
-        check_weight(OP, w_q, shape)?;
+        check_weight(OP, w_q, shape, scale)?;
         let (n, k) = shape;
-        if scale.len() != n {
-            bail!("{OP}: scale has {} values, expected N = {n}", scale.len());
-        }
         if !matches!(dtype, NpuDType::F16 | NpuDType::BF16) {
             bail!("{OP}: dtype {dtype:?} is not supported (f16 or bf16: DynamicQuant and QuantMatmulV4)");
         }
@@ -361,11 +367,8 @@ impl WeightQuantLinear {
         dtype: NpuDType,
     ) -> Result<Self> {
         const OP: &str = "ascend::WeightQuantLinear";
-        check_weight(OP, w_q, shape)?;
+        check_weight(OP, w_q, shape, scale)?;
         let (n, k) = shape;
-        if scale.len() != n {
-            bail!("{OP}: scale has {} values, expected N = {n}", scale.len());
-        }
         if k > WQBMM_MAX_DIM {
             bail!("{OP}: K = {k} exceeds {WQBMM_MAX_DIM} (WeightQuantBatchMatmulV2)");
         }
