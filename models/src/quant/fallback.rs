@@ -303,19 +303,13 @@ impl Comparing {
 }
 
 impl Backend for Comparing {
-    type Tensor = Tensor;
     type Linear = TwinLinear;
     type KvCache = (usize, Option<KvQuant>, CpuKvCache);
-    type Indices = Vec<u32>;
+
+    super::delegate_to_inner_cpu!();
 
     fn name(&self) -> String {
         "cpu (fallback search)".into()
-    }
-    fn dtype(&self) -> DType {
-        self.inner.dtype()
-    }
-    fn upload(&self, host: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.upload(host)
     }
     fn prepare_linear(&self, weights: LinearWeights<'_>) -> candle_core::Result<TwinLinear> {
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -339,12 +333,6 @@ impl Backend for Comparing {
     fn kv_cache_bytes(&self, c: &Self::KvCache) -> usize {
         self.inner.kv_cache_bytes(&c.2)
     }
-    fn upload_indices(&self, lists: &[&[u32]]) -> candle_core::Result<Vec<Vec<u32>>> {
-        self.inner.upload_indices(lists)
-    }
-    fn gather_rows(&self, table: &Tensor, ids: &Vec<u32>, batch: usize, seq: usize) -> candle_core::Result<Tensor> {
-        self.inner.gather_rows(table, ids, batch, seq)
-    }
     fn linear(&self, x: &Tensor, w: &TwinLinear) -> candle_core::Result<Tensor> {
         let y = self.inner.linear(x, &w.float)?;
         if let (Some(q), Some(layer)) = (&w.quantized, w.layer) {
@@ -352,24 +340,6 @@ impl Backend for Comparing {
             Self::record(&self.linear_errors, w.id, layer, d, r)?;
         }
         Ok(y)
-    }
-    fn rms_norm(&self, x: &Tensor, gamma: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-        self.inner.rms_norm(x, gamma, eps)
-    }
-    fn add_rms_norm(&self, x: &Tensor, r: &Tensor, g: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
-        self.inner.add_rms_norm(x, r, g, eps)
-    }
-    fn split_qkv(
-        &self,
-        qkv: &Tensor,
-        nq: usize,
-        nkv: usize,
-        d: usize,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        self.inner.split_qkv(qkv, nq, nkv, d)
-    }
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.rope(x, cos, sin)
     }
     fn kv_write(
         &self,
@@ -389,15 +359,6 @@ impl Backend for Comparing {
     }
     fn attention(&self, q: &Tensor, c: &Self::KvCache, plan: &StepPlan<'_>, scale: f32) -> candle_core::Result<Tensor> {
         self.inner.attention(q, &c.2, plan, scale)
-    }
-    fn swiglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.swiglu(x)
-    }
-    fn select_rows(&self, x: &Tensor, rows: &Vec<u32>) -> candle_core::Result<Tensor> {
-        self.inner.select_rows(x, rows)
-    }
-    fn to_host_f32(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.to_host_f32(x)
     }
     fn linear_bytes(&self, w: &TwinLinear) -> usize {
         self.inner.linear_bytes(&w.float)
