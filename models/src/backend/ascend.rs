@@ -155,15 +155,11 @@ impl Backend for AscendBackend {
         quant: Option<&KvQuant>,
     ) -> Result<AscendKvCache> {
         if let Some(q) = quant {
-            let params =
-                |scale: &[f32], offset: &[f32]| KvQuantParams { scale: scale.to_vec(), offset: offset.to_vec() };
-            let new = |p: KvQuantParams| {
-                npu::kv_int8::Int8KvCache::new(&self.device, batch, capacity, kv_heads, head_dim, &p)
+            let new = |p: &KvQuantParams| {
+                npu::kv_int8::Int8KvCache::new(&self.device, batch, capacity, kv_heads, head_dim, p)
             };
-            return Ok(AscendKvCache::Int8 {
-                k: Box::new(new(params(&q.k_scale, &q.k_offset))?),
-                v: Box::new(new(params(&q.v_scale, &q.v_offset))?),
-            });
+            let [k, v] = q.params();
+            return Ok(AscendKvCache::Int8 { k: Box::new(new(&k)?), v: Box::new(new(&v)?) });
         }
         // Zero-filled once at load (positions past a sequence's length are masked, never read as data).
         let shape = [batch, capacity, kv_heads, head_dim];

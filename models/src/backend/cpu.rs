@@ -94,11 +94,10 @@ impl Backend for CpuBackend {
         quant: Option<&KvQuant>,
     ) -> Result<CpuKvCache> {
         if let Some(q) = quant {
-            let params =
-                |scale: &[f32], offset: &[f32]| ops::KvQuantParams { scale: scale.to_vec(), offset: offset.to_vec() };
+            let [k, v] = q.params();
             return Ok(CpuKvCache::Int8 {
-                k: ops::Int8KvCache::new(batch, capacity, kv_heads, head_dim, params(&q.k_scale, &q.k_offset))?,
-                v: ops::Int8KvCache::new(batch, capacity, kv_heads, head_dim, params(&q.v_scale, &q.v_offset))?,
+                k: ops::Int8KvCache::new(batch, capacity, kv_heads, head_dim, k)?,
+                v: ops::Int8KvCache::new(batch, capacity, kv_heads, head_dim, v)?,
             });
         }
         let shape = (batch, capacity, kv_heads, head_dim);

@@ -93,6 +93,15 @@ impl KvQuant {
     pub fn channels(&self) -> usize {
         self.k_scale.len()
     }
+
+    /// The K and V parameters in the form the int8 cache ops take.
+    pub fn params(&self) -> [candle_ascend_ops::KvQuantParams; 2] {
+        let params = |scale: &[f32], offset: &[f32]| candle_ascend_ops::KvQuantParams {
+            scale: scale.to_vec(),
+            offset: offset.to_vec(),
+        };
+        [params(&self.k_scale, &self.k_offset), params(&self.v_scale, &self.v_offset)]
+    }
 }
 
 /// One decoder layer ready for upload.
