@@ -6,7 +6,8 @@
 //! - the real checkpoints: 16 greedy tokens identical to the CPU f16 path, logits within f16
 //!   tolerance; A8W8C8 on the NPU tracks the float model within the A8W8C8 issue's tolerance;
 //! - one host-to-device copy (the step's indices) and one device-to-host copy (logits) per
-//!   decode step, the KV cache never reallocated;
+//!   step, prefill (first and chunked) and decode, float and A8W8C8, the KV cache never
+//!   reallocated;
 //! - injected faults surface as errors, leave no leak and the next request works;
 //! - without CANN, `npu:0` fails naming the directories searched.
 #![cfg(feature = "ascend")]
@@ -139,32 +140,56 @@ fn random_models_match_the_cpu_path_in_f16_and_f32() {
     }
 }
 
-#[test]
-fn a_decode_step_copies_the_indices_in_and_the_logits_out_once() {
-    let _serial = serial();
-    let config = tiny_config(Architecture::Qwen2);
-    let weights = candle_ascend_llm::random_weights(&config, 9).unwrap();
-    let cache = CacheConfig { max_batch: 2, max_seq_len: 32 };
-    let mut m = Transformer::new(npu(DType::F16), config, &weights, cache).unwrap();
+/// Runs a prefill, a chunked prefill after the cached prefix and four decode steps, asserting that each makes
+/// one host-to-device copy (the step's indices) and one device-to-host copy (the logits), and that the KV cache
+/// is never reallocated.
+fn assert_one_copy_each_way_per_step<B: Backend>(what: &str, m: &mut Transformer<B>) {
     let cache_id = m.kv_cache_id();
-    let prompts = [common::random_prompt(300, 6, 3), common::random_prompt(300, 6, 4)];
-    m.forward(&prompts.concat(), 6, &[0, 0], &[6, 6]).unwrap();
-    if testing::on_real_cann() {
-        eprintln!("SKIPPED on real CANN: copies are counted by the simulator's hooks");
-        return;
-    }
     let hooks = testing::hooks();
+    let prompts = [common::random_prompt(300, 6, 3), common::random_prompt(300, 6, 4)];
+    let chunk = [common::random_prompt(300, 3, 5), common::random_prompt(300, 3, 6)];
+    /// (name, ids, S, starts, lengths) of one step.
+    type Step = (String, Vec<u32>, usize, [usize; 2], [usize; 2]);
+    let mut steps: Vec<Step> = vec![
+        ("prefill".into(), prompts.concat(), 6, [0, 0], [6, 4]),
+        ("chunked prefill".into(), chunk.concat(), 3, [6, 4], [3, 2]),
+    ];
     for step in 0..4 {
+        steps.push((format!("decode step {step}"), vec![5, 6], 1, [9 + step, 6 + step], [1, 1]));
+    }
+    for (name, ids, seq, start, lens) in steps {
         let before = hooks.copies();
-        m.forward(&[5, 6], 1, &[6 + step, 6 + step], &[1, 1]).unwrap();
+        m.forward(&ids, seq, &start, &lens).unwrap();
         let after = hooks.copies();
         assert_eq!(
             (after.0 - before.0, after.1 - before.1),
             (1, 1),
-            "decode step {step}: (host-to-device, device-to-host) copies"
+            "{what}, {name}: (host-to-device, device-to-host) copies"
         );
     }
-    assert_eq!(m.kv_cache_id(), cache_id, "the KV cache storage was reallocated");
+    assert_eq!(m.kv_cache_id(), cache_id, "{what}: the KV cache storage was reallocated");
+}
+
+#[test]
+fn every_step_copies_the_indices_in_and_the_logits_out_once() {
+    let _serial = serial();
+    if testing::on_real_cann() {
+        eprintln!("SKIPPED on real CANN: copies are counted by the simulator's hooks");
+        return;
+    }
+    let config = tiny_config(Architecture::Qwen2);
+    let weights = candle_ascend_llm::random_weights(&config, 9).unwrap();
+    let cache = CacheConfig { max_batch: 2, max_seq_len: 32 };
+    let mut float = Transformer::new(npu(DType::F16), config.clone(), &weights, cache).unwrap();
+    assert_one_copy_each_way_per_step("f16", &mut float);
+    // A8W8C8: static int8 activations and the int8 KV cache (prefill dequantizes the prefix on the device).
+    let sequences: Vec<Vec<u32>> = (0..4).map(|i| common::random_prompt(300, 24, 20 + i)).collect();
+    let calibration = calibrate(&config, &weights, &sequences).unwrap();
+    let quant = QuantConfig::preset("a8w8c8").unwrap();
+    let mut int8 =
+        Transformer::new_calibrated(npu(DType::F16), config, &weights, cache, Some(&quant), Some(&calibration))
+            .unwrap();
+    assert_one_copy_each_way_per_step("a8w8c8", &mut int8);
 }
 
 /// The chat prompt of the sanity fact, tokenized for `path`'s model.
@@ -264,21 +289,16 @@ fn injected_faults_surface_as_errors_and_the_next_request_works() {
     let device = testing::device();
     let live_before = device.pool_stats();
 
-    // Out of device memory while loading: an error naming the allocation, nothing leaked.
+    // Out of device memory while loading the weights: an error naming the allocation, nothing leaked.
+    let backend = AscendBackend::with_device(device.clone(), DType::F16).unwrap();
     // SAFETY: simulator hooks taking and returning plain values.
     let live = unsafe { (hooks.live_device_bytes)() };
     // SAFETY: as above.
     unsafe { (hooks.set_alloc_limit)(live + 64 * 1024) };
-    let err = Transformer::new(
-        AscendBackend::with_device(device.clone(), DType::F16).unwrap(),
-        config.clone(),
-        &weights,
-        cache,
-    )
-    .err()
-    .expect("loading past the allocation limit must fail");
-    // SAFETY: as above.
+    let loaded = Transformer::new(backend, config.clone(), &weights, cache);
+    // SAFETY: as above (lifted before any assertion, so that a failure here does not starve the other tests).
     unsafe { (hooks.set_alloc_limit)(u64::MAX) };
+    let err = loaded.err().expect("loading past the allocation limit must fail");
     assert!(err.to_string().contains("aclrtMalloc"), "unexpected error: {err}");
     device.trim_pool().unwrap();
 
@@ -303,9 +323,10 @@ fn injected_faults_surface_as_errors_and_the_next_request_works() {
     let live = unsafe { (hooks.live_device_bytes)() };
     // SAFETY: as above.
     unsafe { (hooks.set_alloc_limit)(live + 4096) };
-    let err = m.forward(&prompt, 7, &[0], &[7]).unwrap_err();
+    let stepped = m.forward(&prompt, 7, &[0], &[7]);
     // SAFETY: as above.
     unsafe { (hooks.set_alloc_limit)(u64::MAX) };
+    let err = stepped.expect_err("a step past the allocation limit must fail");
     assert!(err.to_string().contains("aclrtMalloc"), "unexpected error: {err}");
     let again = m.forward(&prompt, 7, &[0], &[7]).unwrap();
     assert_eq!(relative_error(&again, &clean).unwrap(), 0.0, "the step after a failed allocation differs");

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_ascend::aclnn::attention::{
-    AttentionLayout, AttentionParams, incre_flash_attention, prompt_flash_attention,
+    AttentionLayout, AttentionParams, CausalMask, PromptMasking, incre_flash_attention, prompt_flash_attention,
 };
 use candle_ascend::{DType, NpuTensor};
 
@@ -31,9 +31,16 @@ fn prefill_causal_gqa_with_ragged_lengths() {
     let mt = NpuTensor::from_slice(&dev, &mask, &[s, s]).expect("mask");
     let params = AttentionParams { num_heads: nh, num_kv_heads: nkv, scale: 0.35, layout: AttentionLayout::Bsnd };
     let lens = [4i64, 3];
-    let out =
-        prompt_flash_attention(&up(&q, nh), &up(&k, nkv), &up(&v, nkv), Some(&mt), Some(&lens), Some(&lens), &params)
-            .expect("prompt attention");
+    let out = prompt_flash_attention(
+        &up(&q, nh),
+        &up(&k, nkv),
+        &up(&v, nkv),
+        PromptMasking::Full(&mt),
+        Some(&lens),
+        Some(&lens),
+        &params,
+    )
+    .expect("prompt attention");
     let got = out.to_vec::<f32>().expect("out");
     let idx = |bi: usize, si: usize, n: usize, heads: usize| ((bi * s + si) * heads + n) * d;
     for bi in 0..b {
@@ -154,7 +161,7 @@ fn fully_masked_rows_come_out_as_zeros() {
     let vt = NpuTensor::from_slice(&dev, &v, &[b, t, nh, d]).expect("v");
     let mt = NpuTensor::from_slice(&dev, &mask, &[b, s, t]).expect("mask");
     let params = AttentionParams { num_heads: nh, num_kv_heads: nh, scale: 0.25, layout: AttentionLayout::Bsnd };
-    let out = prompt_flash_attention(&qt, &kt, &vt, Some(&mt), None, None, &params).expect("pfa");
+    let out = prompt_flash_attention(&qt, &kt, &vt, PromptMasking::Full(&mt), None, None, &params).expect("pfa");
     let got = out.to_vec::<f32>().expect("out");
     let row = |bi: usize, i: usize, n: usize| ((bi * s + i) * nh + n) * d;
     for n in 0..nh {
@@ -165,5 +172,50 @@ fn fully_masked_rows_come_out_as_zeros() {
         let values: Vec<Vec<f32>> = (0..3).map(|j| v[((t + j) * nh + n) * d..][..d].to_vec()).collect();
         let want = reference(&q[row(1, 0, n)..][..d], &keys, &values, 0.25);
         common::assert_close(&got[row(1, 0, n)..][..d], &want, 1e-5, "sequence 1 row 0");
+    }
+}
+
+/// Sparse mode 3 (rightDownCausal) with the compressed mask: new queries after a cached prefix of a different
+/// length per sequence, a ragged batch (padding rows come back as zeros), GQA; the mask is uploaded once.
+#[test]
+fn right_down_causal_prefill_after_cached_prefixes() {
+    let dev = common::device();
+    let (b, s, t, nh, nkv, d) = (3, 4, 9, 4, 2, 8);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.7, |x| x.subsec_nanos() as f32 * 1e-9);
+    eprintln!("seed {seed}");
+    let (q, k, v) = (data(b * s * nh * d, seed), data(b * t * nkv * d, seed + 0.5), data(b * t * nkv * d, seed + 0.9));
+    // Sequence b has `prefix[b]` cached tokens and `lens[b]` new ones.
+    let (prefix, lens) = ([0usize, 3, 5], [4usize, 2, 1]);
+    let mask = CausalMask::new(&dev).expect("mask");
+    let qt = NpuTensor::from_slice(&dev, &q, &[b, s, nh, d]).expect("q");
+    let kt = NpuTensor::from_slice(&dev, &k, &[b, t, nkv, d]).expect("k");
+    let vt = NpuTensor::from_slice(&dev, &v, &[b, t, nkv, d]).expect("v");
+    let params = AttentionParams { num_heads: nh, num_kv_heads: nkv, scale: 0.3, layout: AttentionLayout::Bsnd };
+    let seq: Vec<i64> = lens.iter().map(|&l| l as i64).collect();
+    let kv: Vec<i64> = prefix.iter().zip(&lens).map(|(&p, &l)| (p + l) as i64).collect();
+    let out =
+        prompt_flash_attention(&qt, &kt, &vt, PromptMasking::RightDownCausal(&mask), Some(&seq), Some(&kv), &params)
+            .expect("pfa sparse mode 3");
+    let got = out.to_vec::<f32>().expect("out");
+    let q_at = |bi: usize, i: usize, n: usize| ((bi * s + i) * nh + n) * d;
+    let kv_at = |bi: usize, j: usize, g: usize| ((bi * t + j) * nkv + g) * d;
+    for bi in 0..b {
+        for n in 0..nh {
+            let g = n / (nh / nkv);
+            for i in 0..s {
+                let row = &got[q_at(bi, i, n)..][..d];
+                if i >= lens[bi] {
+                    assert!(row.iter().all(|&x| x == 0.0), "padding row {i} of sequence {bi} head {n}: {row:?}");
+                    continue;
+                }
+                let visible = prefix[bi] + i + 1;
+                let keys: Vec<Vec<f32>> = (0..visible).map(|j| k[kv_at(bi, j, g)..][..d].to_vec()).collect();
+                let values: Vec<Vec<f32>> = (0..visible).map(|j| v[kv_at(bi, j, g)..][..d].to_vec()).collect();
+                let want = reference(&q[q_at(bi, i, n)..][..d], &keys, &values, 0.3);
+                common::assert_close(row, &want, 1e-5, &format!("b{bi} s{i} n{n}"));
+            }
+        }
     }
 }

@@ -282,3 +282,102 @@ fn events_order_work_across_streams() {
     }
     assert_eq!(out, input);
 }
+
+/// A contiguous tensor of `dims` at the start of `data`.
+fn tensor_nd(data: *mut c_void, dims: &[i64], dtype: sys::aclDataType) -> *mut sys::aclTensor {
+    let mut strides = vec![1i64; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * dims[i + 1];
+    }
+    let storage = [dims.iter().product::<i64>()];
+    // SAFETY: the arrays live for the call; nnopbase copies them.
+    unsafe {
+        f(&common::raw().aclCreateTensor)(
+            dims.as_ptr(),
+            dims.len() as u64,
+            dtype,
+            strides.as_ptr(),
+            0,
+            sys::aclFormat_ACL_FORMAT_ND,
+            storage.as_ptr(),
+            1,
+            data,
+        )
+    }
+}
+
+#[test]
+fn fresh_device_memory_is_not_zeroed() {
+    setup();
+    let dev = malloc(64);
+    let mut host = [0u8; 64];
+    // SAFETY: 64-byte ranges on both sides; nothing is queued on this memory.
+    let code = unsafe { f(&common::raw().aclrtMemcpy)(host.as_mut_ptr().cast(), 64, dev, 64, 2) };
+    assert_eq!(code, 0, "{}", common::recent_error());
+    assert!(host.iter().all(|&b| b == 0xFF), "fresh memory must hold the poison pattern, got {host:?}");
+}
+
+/// Sparse mode 3 needs the compressed 2048 x 2048 mask: none or another shape fails phase 1; a mask of the right
+/// shape but the wrong content fails the kernel (reported by the stream synchronisation).
+#[test]
+fn causal_sparse_modes_need_the_compressed_mask() {
+    let stream = setup();
+    let api = common::raw();
+    let n = 2048usize;
+    let (qkv, mask_mem, small_mem) = ([malloc(256), malloc(256), malloc(256), malloc(256)], malloc(n * n), malloc(64));
+    let [q, k, v, o] = qkv.map(|p| tensor_nd(p, &[1, 2, 1, 32], sys::aclDataType_ACL_FLOAT));
+    // Lower triangle instead of upper: the right shape, the wrong content.
+    let wrong: Vec<u8> = (0..n * n).map(|at| u8::from(at % n < at / n)).collect();
+    let small = tensor_nd(small_mem, &[2, 2], sys::aclDataType_ACL_UINT8);
+    let mask = tensor_nd(mask_mem, &[n as i64, n as i64], sys::aclDataType_ACL_UINT8);
+    let layout = c"BSND";
+    let mut ws = 0u64;
+    let mut phase1 = |m: *mut sys::aclTensor, mode: i64, ex: &mut *mut sys::aclOpExecutor| {
+        // SAFETY: live handles, a NUL-terminated layout the callee does not write, valid out-pointers.
+        unsafe {
+            f(&api.aclnnPromptFlashAttentionV3GetWorkspaceSize)(
+                q,
+                k,
+                v,
+                null_mut(),
+                m,
+                null_mut(),
+                null_mut(),
+                null_mut(),
+                null_mut(),
+                null_mut(),
+                null_mut(),
+                null_mut(),
+                1,
+                0.2,
+                2147483647,
+                2147483647,
+                layout.as_ptr().cast_mut(),
+                1,
+                mode,
+                2,
+                o,
+                &mut ws,
+                ex,
+            )
+        }
+    };
+    let mut ex = null_mut();
+    assert_eq!(phase1(null_mut(), 3, &mut ex), sys::ACLNN_ERR_PARAM_INVALID);
+    assert!(common::recent_error().contains("compressed"));
+    assert_eq!(phase1(small, 3, &mut ex), sys::ACLNN_ERR_PARAM_INVALID);
+    assert!(common::recent_error().contains("2048x2048"));
+    assert_eq!(phase1(mask, 5, &mut ex), sys::ACLNN_ERR_PARAM_INVALID);
+    // SAFETY: buffers of the stated sizes; every launch is followed by a synchronisation before the next check.
+    unsafe {
+        assert_eq!(f(&api.aclrtMemcpy)(mask_mem, n * n, wrong.as_ptr().cast(), n * n, 1), 0);
+        assert_eq!(phase1(mask, 3, &mut ex), 0, "{}", common::recent_error());
+        let workspace = malloc(ws as usize);
+        assert_eq!(f(&api.aclnnPromptFlashAttentionV3)(workspace, ws, ex, stream), 0, "{}", common::recent_error());
+        assert_eq!(f(&api.aclrtSynchronizeStream)(stream), sys::ACLNN_ERR_RUNTIME_ERROR);
+        assert!(common::recent_error().contains("1 exactly above the diagonal"));
+        for t in [q, k, v, o, small, mask] {
+            f(&api.aclDestroyTensor)(t);
+        }
+    }
+}

@@ -21,6 +21,7 @@
 
 #![cfg(feature = "ascend")]
 
+use candle_ascend_ops::ascend::attention::CausalMask;
 use candle_ascend_ops::ascend::kv_int8::{self as npu_kv, Int8KvCache as NpuKvCache};
 use candle_ascend_ops::ascend::quant as npu_quant;
 use candle_ascend_ops::ascend::{AscendDevice, NpuDType, NpuTensor};
@@ -455,6 +456,7 @@ type PromptCase = (usize, usize, usize, Vec<usize>, Vec<usize>, bool);
 fn prompt_attention_int8_matches_the_reference() -> Result<()> {
     let dev = device();
     let mut rng = Rng::fresh("ascend_int8::prompt_attention_int8_matches_the_reference");
+    let mask = CausalMask::new(&dev)?;
     for dtype in ACTIVATION_DTYPES {
         for (nq, nkv, d) in HEAD_CASES {
             // (cache batch, capacity, S, q_start, q_lens, strided q): a ragged first prefill, a chunked prefill
@@ -474,7 +476,7 @@ fn prompt_attention_int8_matches_the_reference() -> Result<()> {
                 let (v_cpu, v_npu) = filled_caches(&mut rng, &dev, dims, None, &id)?;
                 let (q_host, q_npu) = query(&mut rng, &dev, [q_batch, s, nq, d], dtype, strided)?;
                 let scale = 1.0 / (d as f32).sqrt();
-                let got = npu_kv::prompt_attention_int8(&q_npu, &k_npu, &v_npu, &q_start, &q_lens, scale)?;
+                let got = npu_kv::prompt_attention_int8(&q_npu, &k_npu, &v_npu, &mask, &q_start, &q_lens, scale)?;
                 let reference =
                     ops::prompt_attention_int8_reference(&q_host, &k_cpu, &v_cpu, &q_start, &q_lens, scale)?;
                 check(&id, &got, &reference.to_dtype(DType::F32)?, TOL_ATTENTION(dtype))?;
@@ -518,6 +520,7 @@ fn bad_input_is_rejected() -> Result<()> {
     let q = NpuTensor::from_candle(&dev, &rng.tensor(&[2, 1, 4, 8], -1.0, 1.0, DType::F16)?)?;
     assert!(npu_kv::decode_attention_int8(&q, &cache, &cache, &[0, 1], 0.3).is_err(), "kv_len 0");
     assert!(npu_kv::decode_attention_int8(&q, &cache, &cache, &[9, 1], 0.3).is_err(), "kv_len past C");
-    assert!(npu_kv::prompt_attention_int8(&q, &cache, &cache, &[8, 0], &[1, 1], 0.3).is_err(), "past C");
+    let mask = CausalMask::new(&dev)?;
+    assert!(npu_kv::prompt_attention_int8(&q, &cache, &cache, &mask, &[8, 0], &[1, 1], 0.3).is_err(), "past C");
     Ok(())
 }

@@ -17,9 +17,13 @@
 //! - operators validate shapes and dtypes against their documented support and compute in f32 on the host
 //!   (RmsNorm, AddRmsNorm, Add, Mul, Cast, SwiGlu, Matmul, Embedding, ArgMax, InplaceScatterUpdate,
 //!   RotaryPositionEmbedding, ApplyRotaryPosEmb, AscendQuantV3, DynamicQuant, QuantMatmulV4 (f16 output requires the
-//!   uint64 packed scale, as on A2, unless a per-token scale is given), WeightQuantBatchMatmulV2, PromptFlashAttentionV3, IncreFlashAttentionV4); a fully masked prefill row without
-//!   innerPrecise bit 1 is an error; a kernel failure (e.g. an embedding id out of range) is reported by the next
-//!   aclrtSynchronizeStream with ACLNN_ERR_RUNTIME_ERROR.
+//!   uint64 packed scale, as on A2, unless a per-token scale is given), WeightQuantBatchMatmulV2,
+//!   PromptFlashAttentionV3, IncreFlashAttentionV4); a fully masked prefill row without innerPrecise bit 1 is an
+//!   error; prefill sparse modes 2 and 3 need the compressed 2048x2048 causal mask, whose content is checked, and
+//!   leave output rows past a sequence's actual length unwritten; a kernel failure (e.g. an embedding id out of
+//!   range) is reported by the next aclrtSynchronizeStream with ACLNN_ERR_RUNTIME_ERROR;
+//! - fresh device and pinned host allocations hold 0xFF bytes (NaN in every float dtype), not zeros: code that
+//!   reads memory it never wrote sees garbage, as on hardware.
 //!
 //! Fault injection: `ASCEND_SIM_FAIL_ALLOC_AFTER=N` (aclrtMalloc fails with ACL_ERROR_BAD_ALLOC once more than N
 //! device bytes would be live), `ASCEND_SIM_FAIL_OP=aclnnRmsNorm,...` (phase 1 of those operators fails with

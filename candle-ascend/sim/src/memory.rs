@@ -43,14 +43,21 @@ pub fn mark(state: &mut State, ptr: usize, len: usize, stream: u64, write: bool)
     }
 }
 
+/// The byte fresh device and pinned host allocations are filled with.
+pub const POISON: u8 = 0xFF;
+
 fn allocate(size: usize, pinned: bool) -> Result<usize, i32> {
     let layout = Layout::from_size_align(size.div_ceil(32) * 32, 64)
         .map_err(|_| fail(ACL_ERROR_INVALID_PARAM, format!("cannot allocate {size} bytes")))?;
     // SAFETY: the layout has a non-zero size (size > 0 is checked by the callers).
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    let ptr = unsafe { std::alloc::alloc(layout) };
     if ptr.is_null() {
         return Err(fail(ACL_ERROR_BAD_ALLOC, format!("host allocation of {size} bytes failed")));
     }
+    // Fresh memory is not zeroed by CANN: fill it with a pattern no computation should rely on (all bits set:
+    // NaN in every float dtype, -1 in the signed integers).
+    // SAFETY: `ptr` is a fresh allocation of `layout.size()` bytes.
+    unsafe { std::ptr::write_bytes(ptr, POISON, layout.size()) };
     let alloc = Allocation { size, layout, pinned, written_by: HashSet::new(), used_by: HashSet::new() };
     with_state(|s| {
         s.allocations.insert(ptr as usize, alloc);
@@ -81,7 +88,7 @@ fn release(ptr: usize, pinned: bool, call: &str) -> Result<(), i32> {
         Ok(a)
     })
     .map_err(|e: String| fail(ACL_ERROR_INVALID_PARAM, format!("{call}: {e}")))?;
-    // SAFETY: `ptr` was returned by alloc_zeroed with this layout and was just removed from the registry.
+    // SAFETY: `ptr` was returned by alloc with this layout and was just removed from the registry.
     unsafe { std::alloc::dealloc(ptr as *mut u8, alloc.layout) };
     Ok(())
 }

@@ -62,16 +62,50 @@ fn check_float(op: &'static str, q: &NpuTensor) -> Result<()> {
     }
 }
 
-/// Prefill attention (aclnnPromptFlashAttentionV3, sparse mode 0): `softmax(scale * q k^T + mask) v` per head,
-/// GQA without repeating K/V. `mask` (S, Skv) / (B, S, Skv) / (B, 1, S, Skv), 1 = masked out (causality and key
-/// padding are expressed there); `seq_lens` / `kv_lens` the valid lengths per sequence (rows past a query length
-/// are left unwritten). The pre/next-token band is left open (the mask decides) and a fully masked row yields
-/// zeros (innerPrecise 2).
+/// Side of the compressed causal mask of the causal sparse modes (cann-facts trap 12).
+pub const COMPRESSED_MASK_SIDE: usize = 2048;
+
+/// The compressed causal mask the causal sparse modes take: `[2048, 2048]` u8, 1 strictly above the diagonal. Its
+/// size does not depend on the sequence lengths, so one upload per device serves every prefill.
+#[derive(Debug, Clone)]
+pub struct CausalMask(NpuTensor);
+
+impl CausalMask {
+    /// Builds and uploads the mask (4 MiB, one host-to-device copy).
+    pub fn new(device: &crate::AscendDevice) -> Result<CausalMask> {
+        let n = COMPRESSED_MASK_SIDE;
+        let host: Vec<u8> = (0..n * n).map(|at| u8::from(at % n > at / n)).collect();
+        Ok(CausalMask(NpuTensor::from_slice(device, &host, &[n, n])?))
+    }
+
+    pub fn tensor(&self) -> &NpuTensor {
+        &self.0
+    }
+}
+
+/// How a prefill call is masked.
+#[derive(Debug, Clone, Copy)]
+pub enum PromptMasking<'a> {
+    /// Sparse mode 0 without a mask: every query row sees every key within the actual lengths.
+    Unmasked,
+    /// Sparse mode 0 with a full mask (S, Skv) / (B, S, Skv) / (B, 1, S, Skv), 1 = masked out; a fully masked row
+    /// yields zeros (innerPrecise 2).
+    Full(&'a NpuTensor),
+    /// Sparse mode 3 (rightDownCausal) with the compressed mask: query row `i` of sequence `b`, which has
+    /// `seq_lens[b]` queries over `kv_lens[b]` keys, sees keys `0 ..= i + kv_lens[b] - seq_lens[b]`: the prefill
+    /// of new tokens after a cached prefix, ragged batches included, with no per-step mask.
+    RightDownCausal(&'a CausalMask),
+}
+
+/// Prefill attention (aclnnPromptFlashAttentionV3): `softmax(scale * q k^T + mask) v` per head, GQA without
+/// repeating K/V, masked as `masking` says. `seq_lens` / `kv_lens` are the valid lengths per sequence; output
+/// rows past a sequence's query length are zeros (the output is cleared first when some length is short of S:
+/// the operator leaves those rows unwritten). The pre/next-token band is left open (the mask decides).
 pub fn prompt_flash_attention(
     q: &NpuTensor,
     k: &NpuTensor,
     v: &NpuTensor,
-    mask: Option<&NpuTensor>,
+    masking: PromptMasking<'_>,
     seq_lens: Option<&[i64]>,
     kv_lens: Option<&[i64]>,
     params: &AttentionParams,
@@ -79,11 +113,23 @@ pub fn prompt_flash_attention(
     const OP: &str = "aclnnPromptFlashAttentionV3";
     check_float(OP, q)?;
     let device = q.device();
-    let out = NpuTensor::uninit(device, q.dtype(), q.shape())?;
+    let seq_dim = if params.layout == AttentionLayout::Bnsd { 2 } else { 1 };
+    let rows = q.shape().get(seq_dim).copied().unwrap_or(0) as i64;
+    let short = seq_lens.is_some_and(|lens| lens.iter().any(|&l| l < rows));
+    let out = if short {
+        NpuTensor::zeros(device, q.dtype(), q.shape())?
+    } else {
+        NpuTensor::uninit(device, q.dtype(), q.shape())?
+    };
     let api = device.api();
     let phase1 = op_sym!(api, "PromptFlashAttentionV3", aclnnPromptFlashAttentionV3GetWorkspaceSize)?;
     let launch = op_sym!(api, "PromptFlashAttentionV3", aclnnPromptFlashAttentionV3)?;
     let (qt, kt, vt, ot) = (AclTensor::new(q)?, AclTensor::new(k)?, AclTensor::new(v)?, AclTensor::new(&out)?);
+    let (mask, sparse_mode) = match masking {
+        PromptMasking::Unmasked => (None, 0),
+        PromptMasking::Full(m) => (Some(m), 0),
+        PromptMasking::RightDownCausal(m) => (Some(m.tensor()), 3),
+    };
     let mt = optional(mask)?;
     let (lens, kvl) = (int_array(q, seq_lens)?, int_array(q, kv_lens)?);
     let lens_ptr = lens.as_ref().map_or(std::ptr::null_mut(), AclIntArray::as_ptr);
@@ -117,7 +163,7 @@ pub fn prompt_flash_attention(
                 open_band,
                 layout.as_ptr().cast_mut(),
                 nkv,
-                0,
+                sparse_mode,
                 2,
                 ot.as_ptr(),
                 ws,

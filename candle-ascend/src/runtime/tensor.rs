@@ -115,6 +115,24 @@ impl NpuTensor {
         Ok(NpuTensor { buffer, device: device.clone(), dtype, shape: shape.to_vec(), strides, offset: 0 })
     }
 
+    /// Allocates a contiguous tensor filled with zeros on the device (aclrtMemsetAsync, ordered on the device's
+    /// stream; no host-to-device copy). Every dtype's zero is the all-zero bit pattern.
+    pub fn zeros(device: &AscendDevice, dtype: DType, shape: &[usize]) -> Result<NpuTensor> {
+        let tensor = Self::uninit(device, dtype, shape)?;
+        let bytes = elem_count(shape) * dtype.size_in_bytes();
+        if bytes > 0 {
+            device.bind()?;
+            let api = device.api();
+            let f = sym!(api.runtime, aclrtMemsetAsync)?;
+            // SAFETY: the block holds at least `bytes` bytes (allocated above for this shape); the memset is queued on
+            // the device's stream after earlier work that might still use a reused block.
+            let code =
+                unsafe { f(tensor.buffer.as_ptr(), tensor.buffer.block_size(), 0, bytes, device.stream().raw()) };
+            api.check("aclrtMemsetAsync", code)?;
+        }
+        Ok(tensor)
+    }
+
     /// Copies host data (row-major, `shape`) to a new device tensor, ordered on the device's stream.
     pub fn from_slice<T: NpuElement>(device: &AscendDevice, data: &[T], shape: &[usize]) -> Result<NpuTensor> {
         if data.len() != elem_count(shape) {

@@ -4,26 +4,26 @@
 //!
 //! Host data crosses the boundary only at the edges: weights at load, one host-to-device copy
 //! of a step's index lists (token ids, RoPE positions, rows to keep; see
-//! [`Backend::upload_indices`]) and one copy of the logits back. A prefill step also uploads
-//! its attention mask once (shared by every layer); decode steps need none. CANN is loaded at run time
+//! [`Backend::upload_indices`]) and one copy of the logits back, prefill and decode alike: causal
+//! masking uses the compressed mask uploaded once when the backend is created, and an int8 cache's
+//! decode parameters are uploaded when the cache is allocated. CANN is loaded at run time
 //! (`candle_ascend::Cann`); on a machine without it, [`AscendBackend::new`] fails with the list
 //! of directories searched.
 
 use super::{Backend, LinearWeights, StepPlan};
 use crate::model::KvQuant;
 use candle_ascend_ops::KvQuantParams;
-use candle_ascend_ops::ascend::attention::PromptMask;
+use candle_ascend_ops::ascend::attention::CausalMask;
 use candle_ascend_ops::ascend::{self as npu, AscendDevice, NpuDType, NpuTensor};
 use candle_core::{DType, Result, Tensor, bail};
-use std::sync::{Arc, Mutex};
 
 /// Runs the decoder on one Ascend NPU in f16 (the default), bf16 or f32.
 #[derive(Debug, Clone)]
 pub struct AscendBackend {
     device: AscendDevice,
     dtype: DType,
-    /// The prefill mask of the current step, uploaded by the first layer and reused by the others.
-    prompt_mask: Arc<Mutex<Option<PromptMask>>>,
+    /// The compressed causal mask of every prefill (sparse mode 3), uploaded once.
+    causal_mask: CausalMask,
 }
 
 impl AscendBackend {
@@ -35,24 +35,13 @@ impl AscendBackend {
     /// Runs on an already opened device (tests open the simulator explicitly).
     pub fn with_device(device: AscendDevice, dtype: DType) -> Result<Self> {
         match dtype {
-            DType::F16 | DType::BF16 | DType::F32 => Ok(Self { device, dtype, prompt_mask: Arc::default() }),
+            DType::F16 | DType::BF16 | DType::F32 => Ok(Self { causal_mask: CausalMask::new(&device)?, device, dtype }),
             other => bail!("npu backend: unsupported activation dtype {other:?} (use f16, bf16 or f32)"),
         }
     }
 
     pub fn device(&self) -> &AscendDevice {
         &self.device
-    }
-
-    /// The step's prefill mask: the cached one when it describes this step, else a new upload.
-    fn prompt_mask(&self, q_rows: usize, capacity: usize, plan: &StepPlan<'_>) -> Result<PromptMask> {
-        let mut cached = self.prompt_mask.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(mask) = cached.as_ref().filter(|m| m.matches(q_rows, capacity, plan.start, plan.lens)) {
-            return Ok(mask.clone());
-        }
-        let mask = PromptMask::new(&self.device, q_rows, capacity, plan.start, plan.lens)?;
-        *cached = Some(mask.clone());
-        Ok(mask)
     }
 
     fn npu_dtype(&self) -> NpuDType {
@@ -159,14 +148,15 @@ impl Backend for AscendBackend {
                 npu::kv_int8::Int8KvCache::new(&self.device, batch, capacity, kv_heads, head_dim, p)
             };
             let [k, v] = q.params();
-            return Ok(AscendKvCache::Int8 { k: Box::new(new(&k)?), v: Box::new(new(&v)?) });
+            let (k, v) = (new(&k)?, new(&v)?);
+            k.prepare_decode(&v, self.npu_dtype())?;
+            return Ok(AscendKvCache::Int8 { k: Box::new(k), v: Box::new(v) });
         }
-        // Zero-filled once at load (positions past a sequence's length are masked, never read as data).
+        // Zero-filled once at load on the device (positions past a sequence's length are never read as data).
         let shape = [batch, capacity, kv_heads, head_dim];
-        let zeros = Tensor::zeros(&shape, self.dtype, &candle_core::Device::Cpu)?;
         Ok(AscendKvCache::Float {
-            k: NpuTensor::from_candle(&self.device, &zeros)?,
-            v: NpuTensor::from_candle(&self.device, &zeros)?,
+            k: NpuTensor::zeros(&self.device, self.npu_dtype(), &shape)?,
+            v: NpuTensor::zeros(&self.device, self.npu_dtype(), &shape)?,
         })
     }
 
@@ -298,15 +288,14 @@ impl Backend for AscendBackend {
                 if plan.is_decode() {
                     npu::attention::decode_attention(q, &k, &v, &kv_lens, scale)?
                 } else {
-                    let mask = self.prompt_mask(s, k.shape()[1], plan)?;
-                    npu::attention::prompt_attention_masked(q, &k, &v, &mask, scale)?
+                    npu::attention::prompt_attention(q, &k, &v, &self.causal_mask, plan.start, plan.lens, scale)?
                 }
             }
             AscendKvCache::Int8 { k, v } => {
                 if plan.is_decode() {
                     npu::kv_int8::decode_attention_int8(q, k, v, &kv_lens, scale)?
                 } else {
-                    npu::kv_int8::prompt_attention_int8(q, k, v, plan.start, plan.lens, scale)?
+                    npu::kv_int8::prompt_attention_int8(q, k, v, &self.causal_mask, plan.start, plan.lens, scale)?
                 }
             }
         };

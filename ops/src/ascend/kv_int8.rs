@@ -11,7 +11,7 @@
 //!   reference: AscendQuantV3 takes its parameters in x's dtype, and f16 parameters would round `1 / scale`.
 //! - Decode: aclnnIncreFlashAttentionV4 on the int8 caches with antiquant scale/offset `(2, H, D)` (BSND: key
 //!   parameters first, then value) in the query's dtype, built once per (value cache, dtype) and kept with the key
-//!   cache.
+//!   cache ([`Int8KvCache::prepare_decode`] builds them at load, so no decode step uploads anything).
 //! - Prefill: aclnnPromptFlashAttentionV3 has no antiquant, so the needed prefix `[B', L, H, D]` of each cache
 //!   (`L = max(q_start[b] + q_lens[b])`) is dequantized on the device into q's dtype, `(Cast(x_q) + offset) *
 //!   scale` (aclnnCast, aclnnAdd, aclnnMul; `x_q + offset` is an exact integer in f16/bf16/f32, so only the
@@ -29,6 +29,7 @@ use candle_ascend::aclnn::ops as acl;
 use candle_ascend::aclnn::quant as aq;
 use candle_core::{Result, bail};
 
+use super::attention::CausalMask;
 use super::quant::upload_float;
 use super::{AscendDevice, NpuDType, NpuTensor};
 use crate::KvQuantParams;
@@ -62,7 +63,7 @@ pub struct Int8KvCache {
     write_offset: NpuTensor,
     /// `(dtype, scale [H, D], offset [H, D])` per float dtype: the prefill dequantization.
     dequant: Vec<(NpuDType, NpuTensor, NpuTensor)>,
-    /// Built on the first decode with a given value cache and dtype (when this is the key cache).
+    /// Built by `prepare_decode` or on the first decode with a given value cache and dtype (when this is the key cache).
     antiquant: Mutex<Vec<Antiquant>>,
 }
 
@@ -91,7 +92,7 @@ impl Int8KvCache {
         if len == 0 {
             bail!("ascend::Int8KvCache::new: an empty [{batch}, {capacity}, {kv_heads}, {head_dim}] cache");
         }
-        let data = NpuTensor::from_slice(device, &vec![0i8; len], &[batch, capacity, kv_heads, head_dim])?;
+        let data = NpuTensor::zeros(device, NpuDType::I8, &[batch, capacity, kv_heads, head_dim])?;
         let channels = kv_heads * head_dim;
         let inverse: Vec<f32> = params.scale.iter().map(|s| 1.0 / s).collect();
         let zero_point: Vec<f32> = params.offset.iter().map(|o| -o).collect();
@@ -149,6 +150,12 @@ impl Int8KvCache {
         let widened = acl::cast(&self.prefix(batch, len)?, dtype)?;
         let shifted = acl::add(&widened, offset, 1.0)?;
         Ok(aq::mul(&shifted, scale)?)
+    }
+
+    /// Uploads the decode attention's antiquant parameters of this key cache and `value` in `dtype` now (at load),
+    /// so that no decode step copies them; [`decode_attention_int8`] would otherwise build them on first use.
+    pub fn prepare_decode(&self, value: &Int8KvCache, dtype: NpuDType) -> Result<()> {
+        self.antiquant_with(value, dtype).map(|_| ())
     }
 
     /// The IFA antiquant `(scale, offset)` `(2, H, D)` of this key cache and `value`, in `dtype` (built once).
@@ -276,11 +283,13 @@ pub fn decode_attention_int8(
 /// Prefill over int8 caches, the semantics of `crate::prompt_attention_int8`: `q` `[B', S, Nq, D]` (f32, f16 or
 /// bf16, any strides), query `i` of sequence `b` at position `q_start[b] + i` attends keys `0 ..= q_start[b] + i`;
 /// rows `i >= q_lens[b]` are zeros. The needed cache prefix is dequantized into q's dtype on the device (module
-/// docs) and the float `super::attention::prompt_attention` runs over it. Returns `[B', S, Nq, D]` in q's dtype.
+/// docs) and the float `super::attention::prompt_attention` runs over it with the device's compressed causal
+/// `mask`. Returns `[B', S, Nq, D]` in q's dtype.
 pub fn prompt_attention_int8(
     q: &NpuTensor,
     k: &Int8KvCache,
     v: &Int8KvCache,
+    mask: &CausalMask,
     q_start: &[usize],
     q_lens: &[usize],
     scale: f32,
@@ -301,5 +310,5 @@ pub fn prompt_attention_int8(
     }
     let keys = k.dequantize_prefix(q_batch, needed, q.dtype())?;
     let values = v.dequantize_prefix(q_batch, needed, q.dtype())?;
-    super::attention::prompt_attention(q, &keys, &values, q_start, q_lens, scale)
+    super::attention::prompt_attention(q, &keys, &values, mask, q_start, q_lens, scale)
 }

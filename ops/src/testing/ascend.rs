@@ -180,7 +180,8 @@ impl OpBackend for AscendOps {
         scale: f32,
     ) -> Result<Tensor> {
         let (q, k, v) = (self.upload(q)?, self.upload(k_cache)?, self.upload(v_cache)?);
-        Ok(ascend::attention::prompt_attention(&q, &k, &v, q_start, q_lens, scale)?.to_candle()?)
+        let mask = ascend::attention::CausalMask::new(&self.device)?;
+        Ok(ascend::attention::prompt_attention(&q, &k, &v, &mask, q_start, q_lens, scale)?.to_candle()?)
     }
 
     fn decode_attention(

@@ -2,7 +2,12 @@
 //! aclnnIncreFlashAttentionV4 (decode: one query token over a key/value cache given as tensor lists, per-sequence
 //! KV lengths, int8 KV with per-channel antiquant `(x + offset) * scale`, K params at index 0 and V at 1).
 //! Layouts "BSH", "BSND", "BNSD"; GQA by `numKeyValueHeads`; masks are bool/int8/uint8 with 1 = masked out.
-//! Simulated subset: sparseMode 0, no pseShift, no (de)quant of Q/output, no paged KV, no kvPaddingSize.
+//! Prefill sparse modes: 0 (the mask, if any, is the full (S, Skv) / (B, S, Skv) / (B, 1, S, Skv) mask, with the
+//! preTokens/nextTokens band), 2 (leftUpCausal: row i sees keys j <= i) and 3 (rightDownCausal: row i of a
+//! sequence with Sq queries over Skv keys sees j <= i + Skv - Sq, the prefill-after-a-cached-prefix case); 2 and 3
+//! take the compressed 2048x2048 mask, whose content (1 strictly above the diagonal) is checked, and ignore the
+//! band. Output rows past a sequence's actualSeqLengths are left unwritten (whatever the buffer held).
+//! Simulated subset: sparseMode 0, 2, 3; no pseShift, no (de)quant of Q/output, no paged KV, no kvPaddingSize.
 
 use std::ffi::{CStr, c_char, c_void};
 use std::sync::Arc;
@@ -126,6 +131,65 @@ fn mask_fn(
     })
 }
 
+/// PromptFlashAttention's sparseMode values the simulator implements.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Sparse {
+    /// 0: the given mask (any of the full shapes) or none.
+    Full,
+    /// 2: causal from the top-left corner, compressed mask.
+    LeftUpCausal,
+    /// 3: causal from the bottom-right corner (per sequence, by its actual lengths), compressed mask.
+    RightDownCausal,
+}
+
+impl Sparse {
+    fn from_mode(mode: i64) -> Result<Sparse, String> {
+        match mode {
+            0 => Ok(Sparse::Full),
+            2 => Ok(Sparse::LeftUpCausal),
+            3 => Ok(Sparse::RightDownCausal),
+            1 | 4 => Err(format!("sparseMode {mode} is not simulated (0, 2, 3)")),
+            other => Err(format!("sparseMode {other} is not supported (0 to 4)")),
+        }
+    }
+}
+
+/// Side of the compressed causal mask sparse modes 2 to 4 take.
+const COMPRESSED: usize = 2048;
+
+/// Sparse modes 2 and 3 need the compressed mask: (2048, 2048), (1, 2048, 2048) or (1, 1, 2048, 2048).
+fn check_compressed_shape(mask: Option<&TensorDesc>, mode: i64) -> Result<(), String> {
+    let m = mask.ok_or(format!("sparseMode {mode} needs the compressed {COMPRESSED}x{COMPRESSED} attenMask"))?;
+    let ok = match m.shape.as_slice() {
+        [a, b] | [1, a, b] | [1, 1, a, b] => *a == COMPRESSED && *b == COMPRESSED,
+        _ => false,
+    };
+    if !ok || !m.is_contiguous() {
+        return Err(format!(
+            "sparseMode {mode}: attenMask {:?} must be a contiguous compressed {COMPRESSED}x{COMPRESSED} mask",
+            m.shape
+        ));
+    }
+    Ok(())
+}
+
+/// The compressed mask must be 1 strictly above the diagonal and 0 elsewhere (the kernel relies on it).
+fn check_compressed_content(m: &TensorDesc) -> Result<(), String> {
+    let base = m.data + m.offset;
+    for i in 0..COMPRESSED {
+        // SAFETY: a contiguous one-byte-per-element view of 2048 x 2048 elements inside a live allocation
+        // (checked at phase 1 and by launch).
+        let row = unsafe { std::slice::from_raw_parts((base + i * COMPRESSED) as *const u8, COMPRESSED) };
+        if let Some(j) = row.iter().enumerate().position(|(j, &x)| (x != 0) != (j > i)) {
+            return Err(format!(
+                "the compressed attenMask must be 1 exactly above the diagonal; element ({i}, {j}) is {}",
+                row[j]
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn is_mask_dtype(d: i32) -> bool {
     matches!(d, ACL_INT8 | ACL_UINT8 | 12 /* ACL_BOOL */)
 }
@@ -165,9 +229,7 @@ pub unsafe extern "C" fn aclnnPromptFlashAttentionV3GetWorkspaceSize(
             (quant_scale2, "quantScale2"),
             (quant_offset2, "quantOffset2"),
         ])?;
-        if sparse_mode != 0 {
-            return Err(format!("sparseMode {sparse_mode}: only 0 is simulated"));
-        }
+        let sparse = Sparse::from_mode(sparse_mode)?;
         if !(0..=3).contains(&inner_precise) {
             return Err(format!("innerPrecise {inner_precise} is not 0..=3"));
         }
@@ -201,21 +263,27 @@ pub unsafe extern "C" fn aclnnPromptFlashAttentionV3GetWorkspaceSize(
         if mask.as_ref().is_some_and(|m| !is_mask_dtype(m.dtype)) {
             return Err("attenMask must be bool, int8 or uint8".into());
         }
-        mask_fn(mask.clone().map(|m| (m, vec![])), b_all, s_q, s_kv).map(|_| ())?;
+        match sparse {
+            Sparse::Full => mask_fn(mask.clone().map(|m| (m, vec![])), b_all, s_q, s_kv).map(|_| ())?,
+            Sparse::LeftUpCausal | Sparse::RightDownCausal => check_compressed_shape(mask.as_ref(), sparse_mode)?,
+        }
         let (kq, kk, kv, ko, km) = (q.clone(), k.clone(), v.clone(), o.clone(), mask.clone());
         let scale = scale_value as f32;
         let kernel = Arc::new(move || {
             let (qv, kvv, vv) = (read(&kq), read(&kk), read(&kv));
-            let masked = mask_fn(
-                km.clone().map(|m| {
+            let full_mask = match sparse {
+                Sparse::Full => km.clone().map(|m| {
                     let v = read(&m);
                     (m, v)
                 }),
-                b_all,
-                s_q,
-                s_kv,
-            )?;
-            let mut out = vec![0.0; qv.len()];
+                _ => {
+                    check_compressed_content(km.as_ref().ok_or("the compressed mask vanished")?)?;
+                    None
+                }
+            };
+            let masked = mask_fn(full_mask, b_all, s_q, s_kv)?;
+            // Rows past a sequence's query length are not written: start from the buffer's current content.
+            let mut out = read(&ko);
             for b in 0..b_all {
                 let (len, kv_len) = (lens[b] as usize, kv_lens[b] as usize);
                 for n in 0..nh {
@@ -226,16 +294,24 @@ pub unsafe extern "C" fn aclnnPromptFlashAttentionV3GetWorkspaceSize(
                         (0..kv_len).map(|j| (0..d).map(|e| vv[at(layout, kd, b, j, g, e)] as f32).collect()).collect();
                     for i in 0..len {
                         let allowed: Vec<usize> = (0..kv_len)
-                            .filter(|&j| {
-                                let band = km.is_none()
-                                    || ((j as i64) >= i as i64 - pre_tokens && (j as i64) <= i as i64 + next_tokens);
-                                band && !masked(b, i, j)
+                            .filter(|&j| match sparse {
+                                Sparse::Full => {
+                                    let band = km.is_none()
+                                        || ((j as i64) >= i as i64 - pre_tokens
+                                            && (j as i64) <= i as i64 + next_tokens);
+                                    band && !masked(b, i, j)
+                                }
+                                Sparse::LeftUpCausal => j <= i,
+                                Sparse::RightDownCausal => (j + len) as i64 <= (i + kv_len) as i64,
                             })
                             .collect();
                         let qrow: Vec<f32> = (0..d).map(|e| qv[at(layout, qd, b, i, n, e)] as f32).collect();
                         match attend(&qrow, &keys, &values, &allowed, scale) {
                             Some(r) => (0..d).for_each(|e| out[at(layout, qd, b, i, n, e)] = r[e] as f64),
-                            None if inner_precise & 2 != 0 => {}
+                            // The invalid-row fix writes a fully masked row as zeros.
+                            None if inner_precise & 2 != 0 => {
+                                (0..d).for_each(|e| out[at(layout, qd, b, i, n, e)] = 0.0)
+                            }
                             None => {
                                 return Err(format!(
                                     "row {i} of batch {b} is fully masked; innerPrecise 2 or 3 is needed for that"
