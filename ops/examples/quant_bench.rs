@@ -1,8 +1,8 @@
 //! Speed of the int8 linear layer (`QuantLinear::forward`: quantize + int8 GEMM + dequant) against
 //! the f32 `PackedLinear` on the same shapes in the same run, on 1 and 2 rayon threads.
 //! Reports medians after a warm-up as GMAC/s (multiply-accumulates of the matmul) and GB/s of
-//! weight bytes read (int8: N*K bytes; f32: 4*N*K bytes). Prefill rows also run the forced
-//! AVX-512 VNNI kernel when AMX is the default.
+//! weight bytes read (int8: N*K bytes; f32: 4*N*K bytes). Calls of more than one row also run the
+//! other fast kernel (AMX or AVX-512 VNNI, whichever is not the default for that row count), forced.
 //!
 //! `cargo run --release -p candle-ascend-ops --example quant_bench [prefill|decode]`
 
@@ -28,6 +28,11 @@ fn main() -> Result<()> {
         (1, 4864, 896),
         (1, 2048, 16384),
         (4, 2048, 16384),
+        (8, 576, 3072),
+        (16, 576, 3072),
+        (16, 896, 4864),
+        (16, 4864, 896),
+        (16, 576, 49152),
         (512, 576, 3072),
         (512, 896, 4864),
         (512, 4864, 896),
@@ -76,10 +81,13 @@ fn main() -> Result<()> {
                     report("int8", t_i8, 1),
                     t_f32.as_secs_f64() / t_i8.as_secs_f64()
                 );
-                if m > 16 && int8_layer.kernel_for_rows(m) == QuantKernel::Amx && QuantKernel::Vnni.is_available() {
-                    let vnni = QuantLinear::with_kernel(&wq, &bias, &deq, QuantKernel::Vnni)?;
-                    let t_vnni = median(|| vnni.forward(&x, 40.0, 2.0), reps)?;
-                    line.push_str(&format!(" | {} [avx512-vnni]", report("int8", t_vnni, 1)));
+                // The other fast kernel forced, where both exist, for comparison.
+                for other in [QuantKernel::Amx, QuantKernel::Vnni] {
+                    if other.is_available() && int8_layer.kernel_for_rows(m) != other && m > 1 {
+                        let forced = QuantLinear::with_kernel(&wq, &bias, &deq, other)?;
+                        let t = median(|| forced.forward(&x, 40.0, 2.0), reps)?;
+                        line.push_str(&format!(" | {} [{}]", report("int8", t, 1), other.name()));
+                    }
                 }
                 println!("{line}");
             }

@@ -19,7 +19,7 @@ fn main() -> Result<()> {
     let mut rng = Rng::seeded(7);
     // (rows, K, N): SmolLM2 gate_up at decode and prefill, a Qwen down projection, and one
     // weight far larger than the caches.
-    let all = [(1, 576, 3072), (4, 576, 3072), (1, 4864, 896), (1, 2048, 16384), (512, 576, 3072)];
+    let all = [(1, 576, 3072), (4, 576, 3072), (1, 4864, 896), (1, 2048, 16384), (16, 576, 49152), (512, 576, 3072)];
     let filter = std::env::args().nth(1).unwrap_or_default();
     let shapes: Vec<_> = all
         .into_iter()

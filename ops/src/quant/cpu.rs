@@ -1,6 +1,6 @@
 //! The rayon work split, the per-kernel block loops and the dequantizing epilogue.
 //!
-//! Decode (<= 16 rows): tasks are runs of channel pairs, all rows each (a GEMV streaming the
+//! Decode (<= 16 rows, VNNI or AMX): tasks are runs of channel pairs, all rows each (a GEMV streaming the
 //! packed weights once). Prefill: tasks are one 32-row block x a group of pairs (~256 KiB of
 //! weights, shared through L2 by consecutive tasks); AMX additionally cuts K into chunks of at
 //! most 640 so the block's activations stay in L1 (see `amx::k_chunk`).

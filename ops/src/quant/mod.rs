@@ -9,9 +9,10 @@
 //!   (zero-point correction included), `deq_scale` f32 `[N]`. The dot products accumulate in
 //!   i32 (wrapping, as the hardware does), the epilogue is `(acc + bias_q) as f32 * deq_scale`.
 //!
-//! Kernels, chosen at run time (see [`QuantKernel`]): AMX `tdpbssd` tiles for prefill when the
-//! OS grants tile data, AVX-512 VNNI `vpdpbusd` (activations shifted to u8, the shift folded
-//! into the bias at load) for decode and on CPUs without AMX, and a portable scalar path. All
+//! Kernels, chosen at run time (see [`QuantKernel`]): AMX `tdpbssd` tiles for calls of more than
+//! [`SMALL_DECODE_ROWS`] rows when the OS grants tile data, AVX-512 VNNI `vpdpbusd` (activations
+//! shifted to u8, the shift folded into the bias at load) for smaller decode calls and on CPUs
+//! without AMX, and a portable scalar path. All
 //! share one packed weight layout (`pack.rs`), built once at load.
 //!
 //! References: [`quantize_reference`], [`quant_matmul_reference`] (candle ops) and
@@ -35,7 +36,12 @@ use candle_core::{DType, Device, Result, Tensor, bail};
 use rayon::prelude::*;
 
 use crate::host::{Element, with_slice};
-use cpu::{DECODE_ROWS, GemmArgs, OutPtr, Sink};
+use cpu::{GemmArgs, OutPtr, Sink};
+
+/// Rows up to which a call runs the decode kernel (AVX-512 VNNI where AMX is the prefill kernel). Above it,
+/// AMX pays even at decode sizes: its 32-row tiles are at least a quarter full, and a GEMV-shaped call of 16 rows
+/// measured 1.0-1.7x faster on AMX than on VNNI (`quant_bench decode`, 2 threads), 8 rows about even.
+pub const SMALL_DECODE_ROWS: usize = 8;
 use pack::{PackedWeights, ROW_TILE, StagedActivations};
 
 /// Quantizes one value: `saturate(round(x * scale + offset))`, NaN -> 0.
@@ -199,9 +205,9 @@ pub struct QuantLinear {
     deq_scale: Vec<f32>,
     out_features: usize,
     in_features: usize,
-    /// Kernel for calls with more than [`DECODE_ROWS`] rows.
+    /// Kernel for calls with more than [`SMALL_DECODE_ROWS`] rows.
     prefill_kernel: QuantKernel,
-    /// Kernel for decode-sized calls.
+    /// Kernel for calls of up to [`SMALL_DECODE_ROWS`] rows.
     decode_kernel: QuantKernel,
     /// Hadamard block of the per-token path's input rotation (0: none); see
     /// [`with_input_hadamard`](Self::with_input_hadamard).
@@ -222,8 +228,8 @@ impl std::fmt::Debug for QuantLinear {
 
 impl QuantLinear {
     /// Packs `wq` (`[N, K]` row-major int8, `N = bias_q.len()`) with `bias_q` `[N]` and
-    /// `deq_scale` `[N]`, for the fastest kernel of this machine: AMX for prefill (VNNI for
-    /// decode), else VNNI, else portable.
+    /// `deq_scale` `[N]`, for the fastest kernel of this machine: AMX (VNNI for calls of up to
+    /// [`SMALL_DECODE_ROWS`] rows), else VNNI, else portable.
     pub fn new(wq: &[i8], bias_q: &[i32], deq_scale: &[f32]) -> Result<Self> {
         let prefill = QuantKernel::available().first().copied().unwrap_or(QuantKernel::Portable);
         let decode =
@@ -290,9 +296,10 @@ impl QuantLinear {
         self.prefill_kernel.name()
     }
 
-    /// The kernel used for a call with `rows` rows.
+    /// The kernel used for a call with `rows` rows: the decode kernel up to [`SMALL_DECODE_ROWS`] rows, the
+    /// prefill kernel above (decode calls of 9 to 16 rows still split over channels, see `cpu::gemm`).
     pub fn kernel_for_rows(&self, rows: usize) -> QuantKernel {
-        if rows <= DECODE_ROWS { self.decode_kernel } else { self.prefill_kernel }
+        if rows <= SMALL_DECODE_ROWS { self.decode_kernel } else { self.prefill_kernel }
     }
 
     /// Bytes of int8 weights read per forward (bandwidth accounting; `N * K`).

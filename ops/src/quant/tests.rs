@@ -184,6 +184,29 @@ fn forward_quantized_matches_reference_and_default_kernel() -> Result<()> {
     assert_close("QUANT_LINEAR_Q(m=37,k=300,n=90)", &got, &want, Tolerance::for_dtype(DType::F32))
 }
 
+/// The default layer changes kernel above SMALL_DECODE_ROWS (AMX where granted): every row of a batch on
+/// either side of the switch equals the same row run alone, bit for bit (integer sums are exact on every kernel).
+#[test]
+fn rows_are_bit_identical_alone_and_in_batches_across_the_kernel_switch() -> Result<()> {
+    let mut rng = Rng::fresh("quant_linear batch invariance");
+    let (k, n) = (584, 70);
+    let (wq, bias, deq) = random_layer(&mut rng, n, k);
+    let layer = QuantLinear::new(&wq, &bias, &deq)?;
+    for m in [SMALL_DECODE_ROWS, SMALL_DECODE_ROWS + 1, 16, 40] {
+        eprintln!("m={m}: kernel {}", layer.kernel_for_rows(m).name());
+        let xq = Int8Matrix { data: random_i8(&mut rng, m * k), rows: m, cols: k };
+        let batched = layer.forward_quantized(&xq)?;
+        for r in 0..m {
+            let row = Int8Matrix { data: xq.data[r * k..(r + 1) * k].to_vec(), rows: 1, cols: k };
+            let alone = layer.forward_quantized(&row)?;
+            if alone.iter().map(|v| v.to_bits()).ne(batched[r * n..(r + 1) * n].iter().map(|v| v.to_bits())) {
+                bail!("m={m}: row {r} differs between a batch and a call of its own");
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn bad_input_is_an_error() -> Result<()> {
     let wq = vec![1i8; 6 * 10];
