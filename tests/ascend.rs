@@ -4,7 +4,8 @@
 //! - random-weight models, ragged batches: logits within the dtype's tolerance, greedy tokens
 //!   identical (a divergence only at a near-tie);
 //! - the real checkpoints: 16 greedy tokens identical to the CPU f16 path, logits within f16
-//!   tolerance; A8W8C8 on the NPU tracks the float model within the A8W8C8 issue's tolerance;
+//!   tolerance; A8W8C8 on the NPU within the A8W8C8 issue's tolerance of the float model (top-1
+//!   agreement >= 95%, perplexity within 3%, same calibration: 4,096 tokens of the MMLU split);
 //! - one host-to-device copy (the step's indices) and one device-to-host copy (logits) per
 //!   step, prefill (first and chunked) and decode, float and A8W8C8, the KV cache never
 //!   reallocated;
@@ -17,6 +18,7 @@ mod common;
 use anyhow::{Result, bail, ensure};
 use candle_ascend_llm::{Architecture, CacheConfig, ModelConfig, QuantConfig};
 use candle_ascend_models::candle_ascend::testing;
+use candle_ascend_models::eval::Mmlu;
 use candle_ascend_models::loader::{Weights, load_checkpoint};
 use candle_ascend_models::quant::{DEFAULT_CALIBRATION_TOKENS, calibrate, calibration_sequences};
 use candle_ascend_models::{AscendBackend, Backend, CpuBackend, Transformer};
@@ -24,6 +26,9 @@ use candle_core::DType;
 use common::{known_model, relative_error, top_two};
 
 /// Logits tolerance (max|npu - cpu| / max|cpu|) between two paths storing activations in `dtype`.
+/// Held-out tokens scored by the A8W8C8 test (ascend-sim computes on the host: a few minutes for this many).
+const HELD_OUT_TOKENS: usize = 400;
+
 fn logits_tolerance(dtype: DType) -> f32 {
     match dtype {
         DType::F32 => 1e-4,
@@ -229,50 +234,65 @@ fn quantize_on<B: Backend>(
         .unwrap()
 }
 
+/// Perplexity of `ids[1..]` under the logits of positions `0..n-1`.
+fn perplexity(logits: &[Vec<f32>], ids: &[u32]) -> f64 {
+    let mut nll = 0.0f64;
+    for (row, &next) in logits.iter().zip(&ids[1..]) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum = row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() + max as f64;
+        nll += log_sum - row[next as usize] as f64;
+    }
+    (nll / (ids.len() - 1) as f64).exp()
+}
+
+/// A8W8C8 on the NPU against the float model, with issue 3's setting: calibrated on 4,096 tokens of the MMLU
+/// calibration split, evaluated on held-out text (the start of the MMLU held-out split, disjoint from it).
 #[test]
 fn a8w8c8_on_the_npu_tracks_the_float_model() {
     let _serial = serial();
     let name = "smollm2-135m-instruct";
     let path = known_model(name);
     let ckpt = load_checkpoint(&path, DType::F32).unwrap();
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/calibration.txt")).unwrap();
-    let (sequences, _) = calibration_sequences(&ckpt.tokenizer, Some(&text), DEFAULT_CALIBRATION_TOKENS, None).unwrap();
+    let (sequences, source) = calibration_sequences(&ckpt.tokenizer, None, DEFAULT_CALIBRATION_TOKENS, None).unwrap();
     let calibration = calibrate(&ckpt.config, &ckpt.weights, &sequences).unwrap();
     let quant = QuantConfig::preset("a8w8c8").unwrap();
-    // Held-out prose (not in the calibration file).
-    let held_out = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/held_out.txt")).unwrap();
-    let ids = ckpt.tokenizer.tokenizer.encode(held_out, false).unwrap().get_ids().to_vec();
+    let held_out = Mmlu::fetch(None).unwrap().held_out_text();
+    let mut ids = ckpt.tokenizer.tokenizer.encode(held_out, false).unwrap().get_ids().to_vec();
+    ids.truncate(HELD_OUT_TOKENS);
     let cache = CacheConfig { max_batch: 1, max_seq_len: ids.len() + 1 };
     let mut float =
         Transformer::new(CpuBackend::new(DType::F32).unwrap(), ckpt.config.clone(), &ckpt.weights, cache).unwrap();
     let mut quantized = quantize_on(npu(DType::F16), &ckpt, &quant, &calibration, cache);
     let mut cpu_quantized = quantize_on(CpuBackend::new(DType::F32).unwrap(), &ckpt, &quant, &calibration, cache);
     let n = ids.len();
-    let want = float.forward_all(&ids, n, &[0], &[n]).unwrap().squeeze(0).unwrap();
-    let got = quantized.forward_all(&ids, n, &[0], &[n]).unwrap().squeeze(0).unwrap();
-    let cpu_q = cpu_quantized.forward_all(&ids, n, &[0], &[n]).unwrap().squeeze(0).unwrap();
-    let (want, got, cpu_q) =
-        (want.to_vec2::<f32>().unwrap(), got.to_vec2::<f32>().unwrap(), cpu_q.to_vec2::<f32>().unwrap());
-    let cpu_agree = want.iter().zip(&cpu_q).filter(|(a, b)| top_two(a).0 == top_two(b).0).count();
-    let npu_cpu = got.iter().zip(&cpu_q).filter(|(a, b)| top_two(a).0 == top_two(b).0).count();
-    let agree = want.iter().zip(&got).filter(|(a, b)| top_two(a).0 == top_two(b).0).count();
-    let pct = |k: usize| 100.0 * k as f64 / n as f64;
+    // Logits of positions 0..n-1 (each predicts the next id).
+    let rows = |t: candle_core::Tensor| -> Vec<Vec<f32>> {
+        let mut all = t.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        all.truncate(n - 1);
+        all
+    };
+    let want = rows(float.forward_all(&ids, n, &[0], &[n]).unwrap());
+    let got = rows(quantized.forward_all(&ids, n, &[0], &[n]).unwrap());
+    let cpu_q = rows(cpu_quantized.forward_all(&ids, n, &[0], &[n]).unwrap());
+    let same = |a: &[Vec<f32>], b: &[Vec<f32>]| a.iter().zip(b).filter(|(x, y)| top_two(x).0 == top_two(y).0).count();
+    let (agree, cpu_agree, npu_cpu) = (same(&want, &got), same(&want, &cpu_q), same(&got, &cpu_q));
+    let pct = |k: usize| 100.0 * k as f64 / (n - 1) as f64;
+    let (ppl_float, ppl_npu, ppl_cpu) = (perplexity(&want, &ids), perplexity(&got, &ids), perplexity(&cpu_q, &ids));
     eprintln!(
-        "{name} a8w8c8, {n} held-out tokens: npu vs float {:.1}%, cpu vs float {:.1}%, npu vs cpu a8w8c8 {:.1}% ({})",
+        "{name} a8w8c8 (calibration: {source}), {} held-out predictions: top-1 agreement npu vs float {:.1}%, cpu vs \
+         float {:.1}%, npu vs cpu a8w8c8 {:.1}%; perplexity float {ppl_float:.3}, npu a8w8c8 {ppl_npu:.3}, cpu a8w8c8 \
+         {ppl_cpu:.3} ({})",
+        n - 1,
         pct(agree),
         pct(cpu_agree),
         pct(npu_cpu),
         testing::backend_label()
     );
-    // The NPU runs the same quantized model as the CPU (f16 activations around the int8 kernels): it must pick
-    // the CPU's token almost everywhere, and lose at most 2 points of agreement with float against it. (The 95%
-    // agreement target itself is measured by `cargo xtask ppl` with 4,096 calibration tokens; this test
-    // calibrates on a 1,000-token file, which gives both paths about 93% here.)
-    assert!(pct(npu_cpu) >= 95.0, "npu and cpu a8w8c8 pick the same token on only {npu_cpu}/{n} positions");
-    assert!(
-        pct(agree) >= pct(cpu_agree) - 2.0,
-        "npu a8w8c8 agrees with float on {agree}/{n} positions, the cpu a8w8c8 on {cpu_agree}/{n}"
-    );
+    // Issue 3's tolerance, on the NPU: top-1 agreement with float at least 95%, perplexity within 3%.
+    assert!(pct(agree) >= 95.0, "npu a8w8c8 agrees with float on {agree}/{} predictions", n - 1);
+    assert!((ppl_npu / ppl_float - 1.0).abs() <= 0.03, "npu a8w8c8 perplexity {ppl_npu:.3} vs float {ppl_float:.3}");
+    // And it runs the CPU's quantized model (f16 activations around the same int8 weights).
+    assert!(pct(npu_cpu) >= 95.0, "npu and cpu a8w8c8 pick the same token on only {npu_cpu}/{} positions", n - 1);
 }
 
 #[test]

@@ -212,30 +212,7 @@ fn operators_reject_shapes_and_dtypes_outside_their_support() {
     setup();
     let api = common::raw();
     let buf = malloc(1024);
-    let mk = |dims: &[i64], dtype| {
-        let strides: Vec<i64> = {
-            let mut s = vec![1i64; dims.len()];
-            for i in (0..dims.len().saturating_sub(1)).rev() {
-                s[i] = s[i + 1] * dims[i + 1];
-            }
-            s
-        };
-        let storage = [256i64];
-        // SAFETY: arrays live for the call.
-        unsafe {
-            f(&api.aclCreateTensor)(
-                dims.as_ptr(),
-                dims.len() as u64,
-                dtype,
-                strides.as_ptr(),
-                0,
-                sys::aclFormat_ACL_FORMAT_ND,
-                storage.as_ptr(),
-                1,
-                buf,
-            )
-        }
-    };
+    let mk = |dims: &[i64], dtype| tensor_nd(buf, dims, dtype);
     let x = mk(&[2, 8], sys::aclDataType_ACL_FLOAT);
     let g = mk(&[8], sys::aclDataType_ACL_FLOAT);
     let y = mk(&[2, 8], sys::aclDataType_ACL_FLOAT);
