@@ -54,6 +54,28 @@ fn w8a16_tracks_the_float_model_with_a_quarter_of_the_bytes() {
     assert!(qb * 4 <= fb + fb / 50, "int8 decoder weights {qb} B vs f32 {fb} B");
 }
 
+/// An untied model whose lm_head has int8 weights keeps its embedding table as int8 rows too (one
+/// scale per row): every weight it holds is at most 30% of the f32 model's, and it still tracks it.
+#[test]
+fn an_untied_model_with_an_int8_lm_head_holds_an_int8_embedding_table() {
+    let mut float = build(None).unwrap();
+    let mut all_int8 = QuantConfig::preset("w8a16").unwrap();
+    all_int8.modules_to_not_convert.clear();
+    let mut quant = build(Some(&all_int8)).unwrap();
+    let (fb, qb) = (float.resident_weight_bytes(), quant.resident_weight_bytes());
+    assert_eq!(fb - float.weight_bytes_per_token(), 256 * 256 * 4, "the f32 table is counted");
+    assert_eq!(qb - quant.weight_bytes_per_token(), 256 * 256, "int8 rows (the per-row scales are not counted)");
+    assert!(qb * 10 <= fb * 3, "held weights {qb} B vs f32 {fb} B");
+    let prompt = common::random_prompt(256, 12, 5);
+    let a = float.forward(&prompt, prompt.len(), &[0], &[prompt.len()]).unwrap();
+    let b = quant.forward(&prompt, prompt.len(), &[0], &[prompt.len()]).unwrap();
+    let rel = common::relative_error(&b, &a).unwrap();
+    assert!(rel > 0.0 && rel < 2e-2, "logits relative error {rel}");
+    let (top_float, _) = common::top_two(&a.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let (top_quant, _) = common::top_two(&b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(top_float, top_quant);
+}
+
 #[test]
 fn float_layers_and_unconverted_modules_stay_exact() {
     let mut float = build(None).unwrap();

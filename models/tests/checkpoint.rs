@@ -99,9 +99,12 @@ fn the_checkpoint_holds_int8_weights_and_is_much_smaller() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("q/config.json")).unwrap()).unwrap();
     assert_eq!(config["quantization_config"]["float_layers"], serde_json::json!([1]));
     assert_eq!(config["quantization_config"]["kvcache_dtype"], "int8");
-    // Untied qwen2: its own int8 lm_head, and the float embedding table.
+    // Untied qwen2: its own int8 lm_head, and an int8 embedding table with one scale per row.
     assert_eq!(file.tensor("lm_head.weight").unwrap().dtype(), safetensors::Dtype::I8);
-    assert_eq!(file.tensor("model.embed_tokens.weight").unwrap().dtype(), safetensors::Dtype::F32);
+    let embed = file.tensor("model.embed_tokens.weight").unwrap();
+    assert_eq!((embed.dtype(), embed.shape()), (safetensors::Dtype::I8, &[model.config.vocab_size, 128][..]));
+    let scale = file.tensor("model.embed_tokens.weight_scale").unwrap();
+    assert_eq!((scale.dtype(), scale.shape()), (safetensors::Dtype::F32, &[model.config.vocab_size][..]));
 }
 
 #[test]

@@ -166,7 +166,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let bytes = ours.weight_bytes_per_token();
         let bandwidth = read_bandwidth_gbs(bytes);
         eprintln!("read bandwidth over {:.0} MB (same run): {bandwidth:.1} GB/s", bytes as f64 / 1e6);
-        floors.push((name.clone(), bytes, bandwidth));
+        floors.push((name.clone(), bytes, ours.resident_weight_bytes(), bandwidth));
         for &batch in &args.batches {
             let mut prefill = Row {
                 model: name.clone(),
@@ -261,10 +261,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("| {} | {} | {ours} | {reference} | {ratio} |", r.model, r.metric);
     }
     println!();
-    for (name, bytes, bandwidth) in floors {
+    for (name, bytes, held, bandwidth) in floors {
         println!(
-            "{name}: {:.0} MB of weights per decode step, read bandwidth over that working set {bandwidth:.1} GB/s \
-             (this run) -> bandwidth floor {:.1} tokens/s at batch 1",
+            "{name}: {:.0} MB of weights held, {:.0} MB read per decode step, read bandwidth over that working set \
+             {bandwidth:.1} GB/s (this run) -> bandwidth floor {:.1} tokens/s at batch 1",
+            held as f64 / 1e6,
             bytes as f64 / 1e6,
             bandwidth * 1e9 / bytes as f64
         );

@@ -26,7 +26,9 @@ use crate::backend::{Backend, StepPlan};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
-use crate::quant::prepare::{check_plan, prepare_layer, prepare_lm_head};
+use crate::quant::prepare::{
+    LinearKind, check_plan, embedding_kind, linear_kind, prepare_embedding, prepare_layer, prepare_lm_head,
+};
 use crate::quant::{Calibration, QuantConfig};
 use candle_core::Tensor;
 
@@ -54,13 +56,23 @@ struct DecoderLayer<B: Backend> {
     down: B::Linear,
 }
 
+/// Where the embedding rows of a step come from.
+enum Embedding<B: Backend> {
+    /// A float table.
+    Table(B::Tensor),
+    /// int8 rows with a per-row scale, held as a W8A16 linear (untied models with int8 weights).
+    Int8Rows(B::Linear),
+    /// The rows of the int8 lm_head (tied models with int8 weights).
+    LmHead,
+}
+
 /// A llama / qwen2 causal LM resident on backend `B`, with its fixed KV cache.
 pub struct Transformer<B: Backend> {
     backend: B,
     config: ModelConfig,
     cache_config: CacheConfig,
-    /// `None`: a tied int8 lm_head serves as the table (see [`Self::from_layers`]).
-    embed_tokens: Option<B::Tensor>,
+    /// Where a step's embedding rows come from (see [`Self::from_layers`]).
+    embed_tokens: Embedding<B>,
     rope_cos: B::Tensor,
     rope_sin: B::Tensor,
     layers: Vec<DecoderLayer<B>>,
@@ -112,9 +124,11 @@ impl<B: Backend> Transformer<B> {
         let c = &config;
         let embed = weights.get_with_shape("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
         let lm_head = prepare_lm_head(lm_head_weight(weights, c, &embed)?, quant)?;
+        let lm_head_kind = quant.map_or(LinearKind::Float, |q| linear_kind(q, None, &["lm_head".to_string()]));
+        let embed = embedding_kind(c, lm_head_kind).map(|kind| prepare_embedding(embed, kind)).transpose()?;
         let final_norm = weights.get_with_shape("model.norm.weight", &[c.hidden_size])?;
         let layers = (0..c.num_layers).map(|i| prepare_layer(weights, c, i, quant, calibration));
-        Self::from_layers(backend, config.clone(), cache_config, Some(&embed), &final_norm, &lm_head, layers)
+        Self::from_layers(backend, config.clone(), cache_config, embed.as_ref(), &final_norm, &lm_head, layers)
     }
 
     /// Builds the model from a prepared (possibly quantized) host model, e.g. a quantized
@@ -133,14 +147,15 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// Uploads the embedding, norms and lm_head, then each prepared layer as it comes
-    /// (dropping its host form), computes the RoPE tables and allocates the KV cache. A tied
-    /// model whose lm_head the backend can read rows from (int8 weights on the CPU) keeps no
-    /// separate embedding table: `embed_tokens` is then ignored and may be `None`.
+    /// (dropping its host form), computes the RoPE tables and allocates the KV cache. The
+    /// embedding table is float or int8 rows (W8A16 form, read row by row); a tied model whose
+    /// lm_head the backend can read rows from (int8 weights) keeps no separate table:
+    /// `embed_tokens` is then ignored and may be `None`.
     pub fn from_layers(
         backend: B,
         config: ModelConfig,
         cache_config: CacheConfig,
-        embed_tokens: Option<&Tensor>,
+        embed_tokens: Option<&HostLinear>,
         final_norm: &Tensor,
         lm_head: &HostLinear,
         layers: impl IntoIterator<Item = Result<PreparedLayer>>,
@@ -179,18 +194,34 @@ impl<B: Backend> Transformer<B> {
                 c.num_layers
             )));
         }
-        if lm_head.dims()? != (c.vocab_size, h) || embed_tokens.is_some_and(|e| e.dims() != [c.vocab_size, h]) {
+        let embed_dims = embed_tokens.map(HostLinear::dims).transpose()?;
+        if lm_head.dims()? != (c.vocab_size, h) || embed_dims.is_some_and(|e| e != (c.vocab_size, h)) {
             return Err(ModelError::InvalidInput(format!(
-                "embedding {:?} / lm_head {:?} do not match vocab {} x hidden {h}",
-                embed_tokens.map(Tensor::dims),
+                "embedding {embed_dims:?} / lm_head {:?} do not match vocab {} x hidden {h}",
                 lm_head.dims()?,
                 c.vocab_size
             )));
         }
         let lm_head = backend.prepare_linear(lm_head.as_weights())?;
         let embed_tokens = match embed_tokens {
-            _ if c.tie_word_embeddings && backend.linear_gathers_rows(&lm_head) => None,
-            Some(table) => Some(backend.upload(table)?),
+            _ if c.tie_word_embeddings && backend.linear_gathers_rows(&lm_head) => Embedding::LmHead,
+            Some(HostLinear::Float { weight, .. }) => Embedding::Table(backend.upload(weight)?),
+            Some(int8 @ HostLinear::Int8Weight { .. }) => {
+                let rows = backend.prepare_linear(int8.as_weights())?;
+                if !backend.linear_gathers_rows(&rows) {
+                    return Err(ModelError::InvalidInput(format!(
+                        "the {} backend cannot read embedding rows from an int8 table",
+                        backend.name()
+                    )));
+                }
+                Embedding::Int8Rows(rows)
+            }
+            Some(other) => {
+                return Err(ModelError::InvalidInput(format!(
+                    "an embedding table must be float or int8 weights (w8a16), not {}",
+                    other.kind()
+                )));
+            }
             None => {
                 return Err(ModelError::InvalidInput(
                     "no embedding table, and the lm_head cannot stand in for it (untied, or not int8 weights)".into(),
@@ -238,6 +269,19 @@ impl<B: Backend> Transformer<B> {
             })
             .sum();
         layers + be.linear_bytes(&self.lm_head)
+    }
+
+    /// Bytes of weights held: every linear ([`Self::weight_bytes_per_token`]) plus the embedding
+    /// table (none when a tied int8 lm_head serves as it; norms and RoPE tables are not counted).
+    pub fn resident_weight_bytes(&self) -> usize {
+        let table = match &self.embed_tokens {
+            Embedding::Table(_) => {
+                self.config.vocab_size * self.config.hidden_size * self.backend.dtype().size_in_bytes()
+            }
+            Embedding::Int8Rows(rows) => self.backend.linear_bytes(rows),
+            Embedding::LmHead => 0,
+        };
+        self.weight_bytes_per_token() + table
     }
 
     /// Bytes the KV cache of every layer holds (memory reports).
@@ -329,8 +373,9 @@ impl<B: Backend> Transformer<B> {
         let sin = be.gather_rows(&self.rope_sin, &positions, batch, seq_len)?;
 
         let mut residual = match &self.embed_tokens {
-            Some(table) => be.gather_rows(table, &ids, batch, seq_len)?,
-            None => be.gather_linear_rows(&self.lm_head, &ids, batch, seq_len)?,
+            Embedding::Table(table) => be.gather_rows(table, &ids, batch, seq_len)?,
+            Embedding::Int8Rows(rows) => be.gather_linear_rows(rows, &ids, batch, seq_len)?,
+            Embedding::LmHead => be.gather_linear_rows(&self.lm_head, &ids, batch, seq_len)?,
         };
         let mut hidden = be.rms_norm(&residual, &self.layers[0].input_norm, eps)?;
         let num_layers = self.layers.len();

@@ -145,8 +145,10 @@ pub struct PreparedModel {
     pub config: crate::config::ModelConfig,
     /// The quantization that produced it (`None`: float).
     pub quant: Option<crate::quant::QuantConfig>,
-    /// The embedding table; `None` for a tied model whose int8 lm_head serves as the table.
-    pub embed_tokens: Option<Tensor>,
+    /// The embedding table `[vocab, hidden]`: float, or int8 rows with a per-row scale
+    /// ([`HostLinear::Int8Weight`], when the lm_head has int8 weights); `None` for a tied model
+    /// whose int8 lm_head serves as the table.
+    pub embed_tokens: Option<HostLinear>,
     pub final_norm: Tensor,
     pub lm_head: HostLinear,
     pub layers: Vec<PreparedLayer>,

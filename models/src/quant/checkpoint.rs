@@ -7,7 +7,8 @@
 //!
 //! | tensor | dtype | when |
 //! |---|---|---|
-//! | `model.embed_tokens.weight` | float | unless tied to an int8 lm_head (read from its rows) |
+//! | `model.embed_tokens.weight` | float / I8 `[V, H]` | unless tied to an int8 lm_head (read from its rows); I8 when the lm_head has int8 weights |
+//! | `model.embed_tokens.weight_scale` | F32 `[V]` | with the I8 table (per-row symmetric) |
 //! | `model.norm.weight`, `*_layernorm.weight` | float | always |
 //! | `<linear>.weight` | float / I8 `[N, K]` | always |
 //! | `<linear>.bias` | float `[N]` | float or W8A16 linear with a bias |
@@ -25,7 +26,7 @@
 
 use super::a8w8::Int8Linear;
 use super::config::QuantConfig;
-use super::prepare::{LinearKind, embedding_from_lm_head, int8_kv_cache, linear_kind};
+use super::prepare::{LinearKind, embedding_kind, int8_kv_cache, linear_kind};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::TokenizerBundle;
@@ -63,7 +64,7 @@ pub fn save(model: &PreparedModel, tokenizer: Option<&TokenizerBundle>, dir: &Pa
     let mut tensors: Vec<(String, Stored)> = Vec::new();
     let c = &model.config;
     if let Some(embed) = &model.embed_tokens {
-        tensors.push(("model.embed_tokens.weight".into(), Stored::float(embed)?));
+        push_linear(&mut tensors, "model.embed_tokens", embed)?;
     }
     tensors.push(("model.norm.weight".into(), Stored::float(&model.final_norm)?));
     let lm_head_tied = c.tie_word_embeddings && matches!(model.lm_head, HostLinear::Float { .. });
@@ -138,15 +139,18 @@ pub fn load(dir: &Path) -> Result<PreparedModel> {
     let c = &config;
     let (h, d) = (c.hidden_size, c.head_dim);
     let lm_head_kind = linear_kind(&quant, None, &["lm_head".to_string()]);
-    // Tied to an int8 lm_head, the table is the lm_head's rows and is not stored.
-    let embed_tokens = match embedding_from_lm_head(c, lm_head_kind) {
-        true => None,
-        false => Some(reader.float("model.embed_tokens.weight", &[c.vocab_size, h])?),
+    // Tied to an int8 lm_head, the table is the lm_head's rows and is not stored; untied, it is
+    // int8 rows when the lm_head has int8 weights.
+    let embed_tokens = match embedding_kind(c, lm_head_kind) {
+        None => None,
+        Some(kind) => Some(reader.linear("model.embed_tokens", kind, (c.vocab_size, h), false)?),
     };
     let final_norm = reader.float("model.norm.weight", &[h])?;
     let lm_head = match &embed_tokens {
-        Some(embed) if c.tie_word_embeddings && lm_head_kind == LinearKind::Float && !reader.has("lm_head.weight") => {
-            HostLinear::Float { weight: embed.clone(), bias: None }
+        Some(HostLinear::Float { weight, .. })
+            if c.tie_word_embeddings && lm_head_kind == LinearKind::Float && !reader.has("lm_head.weight") =>
+        {
+            HostLinear::Float { weight: weight.clone(), bias: None }
         }
         _ => reader.linear("lm_head", lm_head_kind, (c.vocab_size, h), false)?,
     };

@@ -214,6 +214,7 @@ fn rank_layers(
         p.kv.push_back((i, quantized.kv.clone()));
         Ok(float)
     });
+    let embed = crate::model::HostLinear::Float { weight: embed, bias: None };
     let mut model = Transformer::from_layers(backend, c.clone(), cache, Some(&embed), &final_norm, &lm_head, layers)?;
     let progress = crate::progress::bar(sequences.len() as u64, "ranking layers", "sequences");
     for s in sequences.iter().filter(|s| !s.is_empty()) {

@@ -249,8 +249,9 @@ pub fn quantize_model(
     let layers = (0..c.num_layers)
         .map(|i| prepare_layer(weights, c, i, Some(quant), calibration))
         .collect::<Result<Vec<_>>>()?;
-    let embed_tokens =
-        (!embedding_from_lm_head(c, linear_kind(quant, None, &["lm_head".to_string()]))).then_some(embed_tokens);
+    let embed_tokens = embedding_kind(c, linear_kind(quant, None, &["lm_head".to_string()]))
+        .map(|kind| prepare_embedding(embed_tokens, kind))
+        .transpose()?;
     Ok(PreparedModel {
         config: c.clone(),
         quant: Some(quant.clone()),
@@ -259,6 +260,31 @@ pub fn quantize_model(
         lm_head,
         layers,
     })
+}
+
+/// How the embedding table is held next to an lm_head of `lm_head_kind`: `None` when the lm_head's
+/// rows serve as the table ([`embedding_from_lm_head`]); int8 rows with a per-row scale (W8A16)
+/// when the lm_head has int8 weights (an untied model would otherwise keep the largest tensor of
+/// a small model in f32); else float.
+pub fn embedding_kind(c: &ModelConfig, lm_head_kind: LinearKind) -> Option<LinearKind> {
+    match lm_head_kind {
+        _ if embedding_from_lm_head(c, lm_head_kind) => None,
+        LinearKind::Float => Some(LinearKind::Float),
+        _ => Some(LinearKind::W8A16),
+    }
+}
+
+/// The embedding table `[vocab, hidden]` in the form `kind` (float, or per-row symmetric int8 rows
+/// by the lm_head's round-to-nearest weight quantizer).
+pub fn prepare_embedding(table: Tensor, kind: LinearKind) -> Result<HostLinear> {
+    match kind {
+        LinearKind::Float => Ok(HostLinear::Float { weight: table, bias: None }),
+        _ => {
+            let (out_features, in_features) = table.dims2()?;
+            let (w_q, scale) = candle_ascend_ops::rtn_quantize_weight(&table)?;
+            Ok(HostLinear::Int8Weight { w_q, out_features, in_features, scale, bias: None })
+        }
+    }
 }
 
 /// Whether the lm_head, in the form `lm_head_kind`, also serves as the embedding table (tied
