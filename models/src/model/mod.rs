@@ -26,9 +26,7 @@ use crate::backend::{Backend, StepPlan};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
-use crate::quant::prepare::{
-    LinearKind, check_plan, embedding_kind, linear_kind, prepare_embedding, prepare_layer, prepare_lm_head,
-};
+use crate::quant::prepare::{check_plan, prepare_embedding_and_lm_head, prepare_layer};
 use crate::quant::{Calibration, QuantConfig};
 use candle_core::Tensor;
 
@@ -122,10 +120,7 @@ impl<B: Backend> Transformer<B> {
         }
         config.validate()?;
         let c = &config;
-        let embed = weights.get_with_shape("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
-        let lm_head = prepare_lm_head(lm_head_weight(weights, c, &embed)?, quant)?;
-        let lm_head_kind = quant.map_or(LinearKind::Float, |q| linear_kind(q, None, &["lm_head".to_string()]));
-        let embed = embedding_kind(c, lm_head_kind).map(|kind| prepare_embedding(embed, kind)).transpose()?;
+        let (embed, lm_head) = prepare_embedding_and_lm_head(weights, c, quant)?;
         let final_norm = weights.get_with_shape("model.norm.weight", &[c.hidden_size])?;
         let layers = (0..c.num_layers).map(|i| prepare_layer(weights, c, i, quant, calibration));
         Self::from_layers(backend, config.clone(), cache_config, embed.as_ref(), &final_norm, &lm_head, layers)

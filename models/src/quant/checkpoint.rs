@@ -26,7 +26,7 @@
 
 use super::a8w8::Int8Linear;
 use super::config::QuantConfig;
-use super::prepare::{LinearKind, embedding_kind, int8_kv_cache, linear_kind};
+use super::prepare::{LinearKind, embedding_kind, int8_kv_cache, linear_kind, lm_head_kind};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::TokenizerBundle;
@@ -138,7 +138,7 @@ pub fn load(dir: &Path) -> Result<PreparedModel> {
     let mut reader = Reader { file, path: path.clone(), used: BTreeSet::new(), hadamard: quant.per_token_hadamard };
     let c = &config;
     let (h, d) = (c.hidden_size, c.head_dim);
-    let lm_head_kind = linear_kind(&quant, None, &["lm_head".to_string()]);
+    let lm_head_kind = lm_head_kind(Some(&quant));
     // Tied to an int8 lm_head, the table is the lm_head's rows and is not stored; untied, it is
     // int8 rows when the lm_head has int8 weights.
     let embed_tokens = match embedding_kind(c, lm_head_kind) {

@@ -126,6 +126,24 @@ impl Folded {
     }
 }
 
+/// How the lm_head runs under `quant` (float without one).
+pub fn lm_head_kind(quant: Option<&QuantConfig>) -> LinearKind {
+    quant.map_or(LinearKind::Float, |q| linear_kind(q, None, &["lm_head".to_string()]))
+}
+
+/// The embedding table (see [`embedding_kind`]; `None` when the lm_head's rows serve as it) and the
+/// lm_head of `weights` in the forms `quant` asks for.
+pub fn prepare_embedding_and_lm_head(
+    weights: &Weights,
+    c: &ModelConfig,
+    quant: Option<&QuantConfig>,
+) -> Result<(Option<HostLinear>, HostLinear)> {
+    let table = weights.get_with_shape("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+    let lm_head = prepare_lm_head(crate::model::lm_head_weight(weights, c, &table)?, quant)?;
+    let embed = embedding_kind(c, lm_head_kind(quant)).map(|kind| prepare_embedding(table, kind)).transpose()?;
+    Ok((embed, lm_head))
+}
+
 /// The lm_head in the form `quant` asks for (int8 weights only when `lm_head` is not in
 /// `modules_to_not_convert`; never int8 activations: its input range is not calibrated).
 pub fn prepare_lm_head(weight: Tensor, quant: Option<&QuantConfig>) -> Result<HostLinear> {
@@ -244,14 +262,10 @@ pub fn quantize_model(
     check_plan(quant, config, calibration)?;
     config.validate()?;
     let c = config;
-    let embed_tokens = weights.get_with_shape("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
-    let lm_head = prepare_lm_head(crate::model::lm_head_weight(weights, c, &embed_tokens)?, Some(quant))?;
+    let (embed_tokens, lm_head) = prepare_embedding_and_lm_head(weights, c, Some(quant))?;
     let layers = (0..c.num_layers)
         .map(|i| prepare_layer(weights, c, i, Some(quant), calibration))
         .collect::<Result<Vec<_>>>()?;
-    let embed_tokens = embedding_kind(c, linear_kind(quant, None, &["lm_head".to_string()]))
-        .map(|kind| prepare_embedding(embed_tokens, kind))
-        .transpose()?;
     Ok(PreparedModel {
         config: c.clone(),
         quant: Some(quant.clone()),
