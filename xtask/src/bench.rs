@@ -1,6 +1,7 @@
-//! `cargo xtask bench`: prefill and decode throughput of our engine against
-//! candle-transformers' own llama / qwen2 on the same f32 weights, interleaved in one run,
-//! reported as medians with their spread (min..max) and the ratio of medians.
+//! `cargo xtask bench`: prefill and decode throughput of our engine against a baseline on the
+//! same f32 weights (candle-transformers' own llama / qwen2, or our engine unquantized),
+//! interleaved in one run, reported as medians with their spread (min..max) and the ratio of
+//! medians; then, per model, the decode bandwidth floor and the batch scaling of decode.
 
 use anyhow::{Context, Result};
 use candle_ascend_models::fetch;
@@ -31,11 +32,15 @@ pub struct BenchArgs {
     /// Batch sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     pub batches: Vec<usize>,
-    /// Skip candle-transformers (our engine only).
+    /// Skip the baseline (our engine only).
     #[arg(long)]
     pub no_reference: bool,
+    /// What our engine is compared with, interleaved: `candle` (candle-transformers' llama / qwen2,
+    /// f32) or `f32` (our own engine, unquantized; the baseline of the A8W8C8 speed targets).
+    #[arg(long, default_value = "candle", value_parser = ["candle", "f32"])]
+    pub baseline: String,
     /// Quantize our engine at load with a preset (e.g. w8a16) or a quantization_config JSON
-    /// file; the reference stays f32.
+    /// file; the baseline stays f32.
     #[arg(long, value_name = "PRESET")]
     pub quantize: Option<String>,
     /// Calibration text for presets with int8 activations or KV cache (default: the MMLU calibration split).
@@ -106,6 +111,75 @@ fn read_bandwidth_gbs(bytes: usize) -> f64 {
     s.median()
 }
 
+/// The engine our engine is measured against.
+enum Baseline {
+    Candle(ReferenceModel),
+    OursF32(Box<Transformer<CpuBackend>>),
+}
+
+impl Baseline {
+    fn label(&self) -> &'static str {
+        match self {
+            Baseline::Candle(_) => "candle-transformers f32",
+            Baseline::OursF32(_) => "ours f32",
+        }
+    }
+
+    /// Prefill of `batch` prompts of `len` tokens (`ids` row-major), in tokens/s.
+    fn prefill(&mut self, ids: &[u32], batch: usize, len: usize) -> Result<f64> {
+        match self {
+            Baseline::Candle(r) => {
+                r.reset()?;
+                let x = Tensor::from_slice(ids, (batch, len), &Device::Cpu)?;
+                let t = Instant::now();
+                r.forward(&x, 0)?;
+                Ok((batch * len) as f64 / t.elapsed().as_secs_f64())
+            }
+            Baseline::OursF32(m) => prefill_tps(m, ids, batch, len),
+        }
+    }
+
+    /// Greedy decode of `steps` tokens per sequence after the prompts `short` (`batch` x `plen`).
+    fn decode(&mut self, short: &[u32], batch: usize, plen: usize, steps: usize) -> Result<f64> {
+        match self {
+            Baseline::Candle(r) => {
+                r.reset()?;
+                let x = Tensor::from_slice(short, (batch, plen), &Device::Cpu)?;
+                r.forward(&x, 0)?;
+                let mut next = vec![1u32; batch];
+                let t = Instant::now();
+                for step in 0..steps {
+                    let x = Tensor::from_slice(&next, (batch, 1), &Device::Cpu)?;
+                    let logits = r.forward(&x, plen + step)?;
+                    next = logits.argmax(1)?.to_vec1::<u32>()?;
+                }
+                Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
+            }
+            Baseline::OursF32(m) => decode_tps(m, short, batch, plen, steps),
+        }
+    }
+}
+
+/// Our engine's prefill of `batch` prompts of `len` tokens, in tokens/s.
+fn prefill_tps(m: &mut Transformer<CpuBackend>, ids: &[u32], batch: usize, len: usize) -> Result<f64> {
+    let t = Instant::now();
+    m.forward(ids, len, &vec![0; batch], &vec![len; batch])?;
+    Ok((batch * len) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Our engine's greedy decode of `steps` tokens per sequence after the prompts `short`, in tokens/s.
+fn decode_tps(m: &mut Transformer<CpuBackend>, short: &[u32], batch: usize, plen: usize, steps: usize) -> Result<f64> {
+    m.forward(short, plen, &vec![0; batch], &vec![plen; batch])?;
+    let ones = vec![1usize; batch];
+    let mut next = vec![1u32; batch];
+    let t = Instant::now();
+    for step in 0..steps {
+        let logits = m.forward(&next, 1, &vec![plen + step; batch], &ones)?;
+        next = logits.argmax(1)?.to_vec1::<u32>()?;
+    }
+    Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
+}
+
 fn prompt(vocab: usize, batch: usize, len: usize, seed: u64) -> Vec<u32> {
     candle_ascend_models::random::random_token_ids(vocab, batch * len, seed)
 }
@@ -123,7 +197,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if args.contend { ", with a busy process competing" } else { "" }
     );
     let mut floors = Vec::new();
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut baseline_label = None;
     for name in &models {
         let path = fetch::resolve_model(Some(name), name, args.cache.as_deref())?;
         let ckpt = load_checkpoint(&path, DType::F32)?;
@@ -160,8 +235,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
             quant.as_ref(),
             calibration.as_ref(),
         )?;
-        let mut reference =
-            if args.no_reference { None } else { Some(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?) };
+        let mut reference = match (args.no_reference, args.baseline.as_str()) {
+            (true, _) => None,
+            (false, "f32") => Some(Baseline::OursF32(Box::new(Transformer::new(
+                CpuBackend::new(DType::F32)?,
+                cfg.clone(),
+                &ckpt.weights,
+                cap,
+            )?))),
+            (false, _) => Some(Baseline::Candle(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?)),
+        };
+        baseline_label = reference.as_ref().map(Baseline::label);
         drop(ckpt);
         let bytes = ours.weight_bytes_per_token();
         let bandwidth = read_bandwidth_gbs(bytes);
@@ -183,53 +267,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             for rep in 0..args.reps + 1 {
                 let warmup = rep == 0;
                 let ids = prompt(cfg.vocab_size, batch, args.prompt_len, 17 + rep as u64);
-                let starts = vec![0usize; batch];
-                let lens = vec![args.prompt_len; batch];
-                // Prefill.
-                let t = Instant::now();
-                ours.forward(&ids, args.prompt_len, &starts, &lens)?;
-                let ours_tps = (batch * args.prompt_len) as f64 / t.elapsed().as_secs_f64();
-                let ref_tps = match reference.as_mut() {
-                    Some(r) => {
-                        r.reset()?;
-                        let x = Tensor::from_slice(&ids, (batch, args.prompt_len), &Device::Cpu)?;
-                        let t = Instant::now();
-                        r.forward(&x, 0)?;
-                        Some((batch * args.prompt_len) as f64 / t.elapsed().as_secs_f64())
-                    }
-                    None => None,
-                };
+                let ours_tps = prefill_tps(&mut ours, &ids, batch, args.prompt_len)?;
+                let ref_tps = reference.as_mut().map(|r| r.prefill(&ids, batch, args.prompt_len)).transpose()?;
                 // Decode after a 64-token prompt.
-                let short = &ids[..batch * 64.min(args.prompt_len)];
-                let plen = short.len() / batch;
+                let plen = 64.min(args.prompt_len);
                 let short: Vec<u32> =
                     (0..batch).flat_map(|b| ids[b * args.prompt_len..b * args.prompt_len + plen].to_vec()).collect();
-                ours.forward(&short, plen, &starts, &vec![plen; batch])?;
-                let ones = vec![1usize; batch];
-                let mut next = vec![1u32; batch];
-                let t = Instant::now();
-                for step in 0..args.decode_steps {
-                    let pos = vec![plen + step; batch];
-                    let logits = ours.forward(&next, 1, &pos, &ones)?;
-                    next = logits.argmax(1)?.to_vec1::<u32>()?;
-                }
-                let ours_dec = (batch * args.decode_steps) as f64 / t.elapsed().as_secs_f64();
-                let ref_dec = match reference.as_mut() {
-                    Some(r) => {
-                        r.reset()?;
-                        let x = Tensor::from_slice(&short, (batch, plen), &Device::Cpu)?;
-                        r.forward(&x, 0)?;
-                        let mut next = vec![1u32; batch];
-                        let t = Instant::now();
-                        for step in 0..args.decode_steps {
-                            let x = Tensor::from_slice(&next, (batch, 1), &Device::Cpu)?;
-                            let logits = r.forward(&x, plen + step)?;
-                            next = logits.argmax(1)?.to_vec1::<u32>()?;
-                        }
-                        Some((batch * args.decode_steps) as f64 / t.elapsed().as_secs_f64())
-                    }
-                    None => None,
-                };
+                let ours_dec = decode_tps(&mut ours, &short, batch, plen, args.decode_steps)?;
+                let ref_dec =
+                    reference.as_mut().map(|r| r.decode(&short, batch, plen, args.decode_steps)).transpose()?;
                 if warmup {
                     continue;
                 }
@@ -239,16 +285,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     prefill.reference.0.push(p);
                     decode.reference.0.push(d);
                 }
-                eprintln!("  {name} batch {batch} rep {rep}: prefill {ours_tps:.1} tok/s, decode {ours_dec:.1} tok/s");
+                let base = match (ref_tps, ref_dec) {
+                    (Some(p), Some(d)) => format!(" (baseline: prefill {p:.1}, decode {d:.1})"),
+                    _ => String::new(),
+                };
+                eprintln!(
+                    "  {name} batch {batch} rep {rep}: prefill {ours_tps:.1} tok/s, decode {ours_dec:.1} tok/s{base}"
+                );
             }
             rows.push(prefill);
             rows.push(decode);
         }
     }
     let ours_label = args.quantize.as_deref().map_or("ours f32".to_string(), |q| format!("ours {q}"));
-    println!(
-        "\n| model | metric | {ours_label} tokens/s (median, min..max) | candle-transformers f32 tokens/s | ratio |"
-    );
+    let baseline_label = baseline_label.unwrap_or("baseline");
+    println!("\n| model | metric | {ours_label} tokens/s (median, min..max) | {baseline_label} tokens/s | ratio |");
     println!("|---|---|---|---|---|");
     for r in &rows {
         let ours = format!("{:.1} ({})", r.ours.median(), r.ours.spread());
@@ -262,13 +313,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     println!();
     for (name, bytes, held, bandwidth) in floors {
+        let floor = bandwidth * 1e9 / bytes as f64;
         println!(
             "{name}: {:.0} MB of weights held, {:.0} MB read per decode step, read bandwidth over that working set \
-             {bandwidth:.1} GB/s (this run) -> bandwidth floor {:.1} tokens/s at batch 1",
+             {bandwidth:.1} GB/s (this run) -> bandwidth floor {floor:.1} tokens/s at batch 1",
             held as f64 / 1e6,
             bytes as f64 / 1e6,
-            bandwidth * 1e9 / bytes as f64
         );
+        let decode_median = |batch: usize| {
+            rows.iter()
+                .find(|r| r.model == name && r.metric == format!("decode batch {batch}"))
+                .map(|r| r.ours.median())
+        };
+        if let Some(b1) = decode_median(1) {
+            println!("{name}: decode batch 1 at {:.2}x the bandwidth floor's step time", floor / b1);
+            for &batch in args.batches.iter().filter(|&&b| b > 1) {
+                if let Some(bn) = decode_median(batch) {
+                    println!("{name}: decode batch {batch} aggregate {:.2}x batch 1", bn / b1);
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -13,7 +13,10 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
+    /// A CPU backend computing in `dtype`. Also keeps large step buffers in the process heap
+    /// (`ops::kernel::allocator::keep_step_buffers`: no page faults for per-step activations).
     pub fn new(dtype: DType) -> Result<Self> {
+        ops::kernel::allocator::keep_step_buffers();
         match dtype {
             DType::F32 | DType::F16 | DType::BF16 => Ok(Self { dtype }),
             other => bail!("cpu backend: unsupported activation dtype {other:?} (use f32, f16 or bf16)"),
