@@ -77,6 +77,14 @@ pub trait Backend: Send + Sync + Sized {
 
     /// Short name for logs and errors (`cpu`, `npu:0`).
     fn name(&self) -> String;
+    /// Runs one whole step (`f`; `decode`: one token per sequence) on the thread the backend
+    /// computes it best from. Default: the calling thread. The CPU backend moves decode steps onto a
+    /// rayon worker, so their many small parallel ops run inside the pool instead of each parking
+    /// the caller until it finishes.
+    fn run_step<R: Send>(decode: bool, f: impl FnOnce() -> R + Send) -> R {
+        let _ = decode;
+        f()
+    }
     /// The activation dtype.
     fn dtype(&self) -> DType;
 

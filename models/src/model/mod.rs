@@ -297,16 +297,20 @@ impl<B: Backend> Transformer<B> {
     /// positions must already be in the cache. Prefill is `start = 0`; decode is `seq_len = 1`
     /// with `start[b]` the number of tokens the sequence already holds.
     pub fn forward(&mut self, ids: &[u32], seq_len: usize, start: &[usize], lens: &[usize]) -> Result<Tensor> {
-        let (hidden, residual) = self.run_layers(ids, seq_len, start, lens, true)?;
-        self.logits(&hidden, &residual, start.len(), 1)
+        B::run_step(seq_len == 1, || {
+            let (hidden, residual) = self.run_layers(ids, seq_len, start, lens, true)?;
+            self.logits(&hidden, &residual, start.len(), 1)
+        })
     }
 
     /// Like [`forward`](Self::forward) but returns the logits of every position,
     /// `[batch, seq_len, vocab]` (perplexity and agreement measurements); rows past `lens[b]`
     /// are padding and hold unspecified values.
     pub fn forward_all(&mut self, ids: &[u32], seq_len: usize, start: &[usize], lens: &[usize]) -> Result<Tensor> {
-        let (hidden, residual) = self.run_layers(ids, seq_len, start, lens, false)?;
-        self.logits(&hidden, &residual, start.len(), seq_len)
+        B::run_step(seq_len == 1, || {
+            let (hidden, residual) = self.run_layers(ids, seq_len, start, lens, false)?;
+            self.logits(&hidden, &residual, start.len(), seq_len)
+        })
     }
 
     /// Final norm and lm_head over `[batch, seq, H]`, to host f32 `[batch, vocab]` (seq = 1) or

@@ -24,8 +24,16 @@ const ROW_BLOCK: usize = ROW_TILE;
 /// Where the epilogue writes: dequantized f32, or raw `acc + bias_q` (for exact tests).
 #[derive(Clone, Copy)]
 pub(crate) enum Sink<'a> {
-    F32 { out: OutPtr<f32>, deq_scale: &'a [f32] },
-    I32 { out: OutPtr<i32> },
+    /// `(acc + bias) as f32 * deq_scale[n]`, then `* row_scale[m]` when given (per-token
+    /// activation scales, applied in the same pass).
+    F32 {
+        out: OutPtr<f32>,
+        deq_scale: &'a [f32],
+        row_scale: Option<&'a [f32]>,
+    },
+    I32 {
+        out: OutPtr<i32>,
+    },
 }
 
 /// Raw output pointer shared by tasks that write disjoint (row, channel) blocks.
@@ -144,20 +152,23 @@ fn run_block(
 }
 
 /// Writes `mr` rows of a block to the output (valid channels only), adding the bias and,
-/// for the f32 sink, multiplying by `deq_scale`.
+/// for the f32 sink, multiplying by `deq_scale` (and the row's scale when given).
 fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, sink: Sink<'_>) {
     let n = args.n;
     let cols = PAIR.min(n - n0);
     let bias = &args.bias[n0..n0 + cols];
     match sink {
-        Sink::F32 { out, deq_scale } => {
+        Sink::F32 { out, deq_scale, row_scale } => {
             let deq = &deq_scale[n0..n0 + cols];
+            let row_scale = row_scale.map(|s| &s[r0..r0 + mr]);
             #[cfg(target_arch = "x86_64")]
             if super::simd::available() {
                 // SAFETY: AVX-512 checked just above; rows r0..r0 + mr < m and channels
                 // n0..n0 + cols <= n lie inside the m x n output, and this task is the only
-                // writer of this (rows, pair) block.
-                unsafe { super::simd::dequantize_block(acc, mr, bias, deq, out.0.add(r0 * n + n0), n, cols) };
+                // writer of this (rows, pair) block; row_scale holds mr values.
+                unsafe {
+                    super::simd::dequantize_block(acc, mr, bias, deq, row_scale, out.0.add(r0 * n + n0), n, cols)
+                };
                 return;
             }
             for (r, acc_row) in acc.iter().enumerate().take(mr) {
@@ -165,6 +176,9 @@ fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, si
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((r0 + r) * n + n0), cols) };
                 for c in 0..cols {
                     dst[c] = acc_row[c].wrapping_add(bias[c]) as f32 * deq[c];
+                }
+                if let Some(s) = row_scale {
+                    dst.iter_mut().for_each(|v| *v *= s[r]);
                 }
             }
         }

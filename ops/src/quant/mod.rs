@@ -94,6 +94,29 @@ fn for_each_row<T: Element>(
     })
 }
 
+/// `dst = src` widened to f32 (AVX-512 where available).
+fn widen_row<T: Element>(src: &[T], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // SAFETY: AVX-512F/BW checked just above.
+        unsafe { simd::widen_row(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// `max |x[i]|`, NaN ignored (AVX-512 where available).
+fn absmax(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // SAFETY: AVX-512F/BW checked just above.
+        return unsafe { simd::absmax(x) };
+    }
+    x.iter().fold(0f32, |a, v| a.max(v.abs()))
+}
+
 /// The per-token symmetric scale of a row with maximum magnitude `absmax`: `absmax / 127`, 1
 /// for an all-zero or non-finite row.
 fn symmetric_scale(absmax: f32) -> f32 {
@@ -105,7 +128,14 @@ fn symmetric_scale(absmax: f32) -> f32 {
 fn row_scales<T: Element>(x: &Tensor, m: usize, k: usize) -> Result<Vec<f32>> {
     with_slice::<T, _>(x, "quant_linear_per_token", |data, layout| {
         let src = &data[layout.start_offset()..layout.start_offset() + m * k];
-        let scale = |row: &[T]| symmetric_scale(row.iter().fold(0f32, |a, v| a.max(v.to_f32().abs())));
+        let scale = |row: &[T]| {
+            if T::DTYPE == DType::F32 {
+                // SAFETY: T is f32 (checked through its dtype), so the slice reinterprets as is.
+                let row = unsafe { std::slice::from_raw_parts(row.as_ptr().cast::<f32>(), row.len()) };
+                return symmetric_scale(absmax(row));
+            }
+            symmetric_scale(row.iter().fold(0f32, |a, v| a.max(v.to_f32().abs())))
+        };
         Ok(if m * k >= 64 * 1024 {
             src.par_chunks(k.max(1)).take(m).map(scale).collect()
         } else {
@@ -130,10 +160,10 @@ fn rotate_and_quantize_rows<T: Element>(
     with_slice::<T, _>(x, "quant_linear_per_token", |data, layout| {
         let src = &data[layout.start_offset()..layout.start_offset() + m * k];
         let one = |buf: &mut Vec<f32>, ((row, out), scale): ((&[T], &mut [u8]), &mut f32)| {
-            buf.clear();
-            buf.extend(row.iter().map(|v| v.to_f32()));
+            buf.resize(row.len(), 0.0);
+            widen_row(row, buf);
             hadamard_row(buf, block);
-            *scale = symmetric_scale(buf.iter().fold(0f32, |a, v| a.max(v.abs())));
+            *scale = symmetric_scale(absmax(buf));
             pack::quantize_row(buf, 1.0 / *scale, 0.0, flip, out);
         };
         let dst = staged.data.as_mut_slice();
@@ -330,7 +360,7 @@ impl QuantLinear {
         let flip = if kernel == QuantKernel::Vnni { 0x80 } else { 0 };
         let stride = staged.stride;
         crate::dispatch_float!(x.dtype(), "quant_linear", T => for_each_row::<T>(x, "quant_linear", staged.data.as_mut_slice(), stride, |_, src, out| pack::quantize_row(src, act_scale, act_offset, flip, out)))?;
-        let y = self.gemm_f32(&staged, kernel);
+        let y = self.gemm_f32(&staged, kernel, None);
         let mut shape = x.dims()[..x.rank() - 1].to_vec();
         shape.push(self.out_features);
         let y = Tensor::from_vec(y, shape, &Device::Cpu)?;
@@ -363,26 +393,21 @@ impl QuantLinear {
             crate::dispatch_float!(x.dtype(), "quant_linear_per_token", T => for_each_row::<T>(&x, "quant_linear_per_token", staged.data.as_mut_slice(), stride, |r, src, out| pack::quantize_row(src, 1.0 / scales[r], 0.0, flip, out)))?;
             scales
         };
-        let mut y = self.gemm_f32(&staged, kernel);
+        let y = self.gemm_f32(&staged, kernel, Some(&scales));
         let n = self.out_features;
-        let scale_rows = |(row, s): (&mut [f32], &f32)| row.iter_mut().for_each(|v| *v *= s);
-        if m * n >= 64 * 1024 {
-            y.par_chunks_mut(n).zip(scales.par_iter()).for_each(scale_rows);
-        } else {
-            y.chunks_mut(n).zip(scales.iter()).for_each(scale_rows);
-        }
         let mut shape = x.dims()[..x.rank() - 1].to_vec();
         shape.push(n);
         let y = Tensor::from_vec(y, shape, &Device::Cpu)?;
         if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
     }
 
-    /// Runs the GEMM with the f32 epilogue into a fresh `rows x N` vector (not zero-filled
-    /// first: the GEMM writes every element).
-    fn gemm_f32(&self, staged: &StagedActivations, kernel: QuantKernel) -> Vec<f32> {
+    /// Runs the GEMM with the f32 epilogue (times `row_scale[m]` when given) into a fresh
+    /// `rows x N` vector (not zero-filled first: the GEMM writes every element).
+    fn gemm_f32(&self, staged: &StagedActivations, kernel: QuantKernel, row_scale: Option<&[f32]>) -> Vec<f32> {
         let len = staged.rows * self.out_features;
         let mut y = Vec::<f32>::with_capacity(len);
-        cpu::gemm(staged, &self.args(kernel), Sink::F32 { out: OutPtr(y.as_mut_ptr()), deq_scale: &self.deq_scale });
+        let sink = Sink::F32 { out: OutPtr(y.as_mut_ptr()), deq_scale: &self.deq_scale, row_scale };
+        cpu::gemm(staged, &self.args(kernel), sink);
         // SAFETY: `gemm` wrote every element of the `rows x N` output (its tasks cover all rows
         // and all channel pairs, and each block stores all of its valid rows and channels),
         // inside the capacity `len` reserved above.
@@ -409,7 +434,7 @@ impl QuantLinear {
         let kernel = self.kernel_for_rows(xq.rows);
         let mut staged = self.staging(xq.rows, kernel);
         pack::stage_int8(&xq.data, xq.rows, xq.cols, kernel == QuantKernel::Vnni, &mut staged);
-        Ok(self.gemm_f32(&staged, kernel))
+        Ok(self.gemm_f32(&staged, kernel, None))
     }
 
     /// The int32 accumulators before the epilogue, `xq @ wq^T + bias_q` (`[rows, N]` row-major,

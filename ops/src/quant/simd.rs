@@ -84,16 +84,19 @@ pub(super) unsafe fn quantize_row<T: Element>(src: &[T], scale: f32, offset: f32
 /// may access those elements during the call.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn dequantize_block(
     acc: &[[i32; 32]],
     rows: usize,
     bias: &[i32],
     deq: &[f32],
+    row_scale: Option<&[f32]>,
     out: *mut f32,
     ldy: usize,
     cols: usize,
 ) {
     assert!(cols <= 32 && rows <= acc.len() && bias.len() >= cols && deq.len() >= cols);
+    assert!(row_scale.is_none_or(|s| s.len() >= rows));
     let mask_of = |c: usize| -> __mmask16 { if cols - c >= 16 { 0xffff } else { (1u16 << (cols - c)) - 1 } };
     let (m0, m1) = (mask_of(0), if cols > 16 { mask_of(16) } else { 0 });
     // SAFETY: the masks limit the loads to indices < cols of `bias` and `deq`.
@@ -112,8 +115,61 @@ pub(super) unsafe fn dequantize_block(
             let a0 = _mm512_loadu_si512(row.as_ptr().cast());
             let a1 = _mm512_loadu_si512(row.as_ptr().add(16).cast());
             let dst = out.add(r * ldy);
-            _mm512_mask_storeu_ps(dst, m0, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, b0)), s0));
-            _mm512_mask_storeu_ps(dst.add(16), m1, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a1, b1)), s1));
+            let mut y0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, b0)), s0);
+            let mut y1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a1, b1)), s1);
+            if let Some(s) = row_scale {
+                let rs = _mm512_set1_ps(s[r]);
+                (y0, y1) = (_mm512_mul_ps(y0, rs), _mm512_mul_ps(y1, rs));
+            }
+            _mm512_mask_storeu_ps(dst, m0, y0);
+            _mm512_mask_storeu_ps(dst.add(16), m1, y1);
         }
     }
+}
+
+/// `dst[i] = src[i] as f32` for the common length (the per-token path's working copy).
+///
+/// # Safety
+/// [`available`] must be true.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn widen_row<T: Element>(src: &[T], dst: &mut [f32]) {
+    let len = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 16 <= len {
+        // SAFETY: i + 16 <= len: 16 elements readable from src and writable in dst.
+        unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(i), load16(src.as_ptr().add(i))) };
+        i += 16;
+    }
+    for (d, s) in dst[i..len].iter_mut().zip(&src[i..len]) {
+        *d = s.to_f32();
+    }
+}
+
+/// `max |x[i]|` ignoring NaN (0 for an empty or all-NaN row), like
+/// `x.iter().fold(0.0, |a, v| a.max(v.abs()))`.
+///
+/// # Safety
+/// [`available`] must be true.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn absmax(x: &[f32]) -> f32 {
+    let (chunks, tail) = x.as_chunks::<16>();
+    let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut pairs = chunks.chunks_exact(2);
+    // MAXPS returns its second operand when either is NaN: with the accumulator second, NaN
+    // lanes leave it unchanged (f32::max ignores NaN the same way).
+    for pair in &mut pairs {
+        // SAFETY: each chunk is 16 readable f32.
+        unsafe {
+            a0 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(pair[0].as_ptr())), a0);
+            a1 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(pair[1].as_ptr())), a1);
+        }
+    }
+    for c in pairs.remainder() {
+        // SAFETY: as above.
+        a0 = _mm512_max_ps(_mm512_abs_ps(unsafe { _mm512_loadu_ps(c.as_ptr()) }), a0);
+    }
+    let m = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+    tail.iter().fold(m, |a, v| a.max(v.abs()))
 }

@@ -300,3 +300,35 @@ fn per_token_forward_rejects_a_wrong_width() -> Result<()> {
     assert!(err.contains("quant_linear_per_token") && err.contains("5 features"), "{err}");
     Ok(())
 }
+
+/// The per-token path's row helpers (AVX-512 where present) against scalar folds: ragged
+/// lengths, NaN (ignored), infinities and negative maxima, and f16/bf16 widening.
+#[test]
+fn absmax_and_widen_match_the_scalar_definitions() -> Result<()> {
+    let mut rng = Rng::fresh("quant::row_helpers");
+    for len in [0usize, 1, 7, 16, 31, 32, 33, 576, 1000] {
+        let mut x: Vec<f32> = (0..len).map(|_| rng.uniform(-3.0, 3.0)).collect();
+        let scalar = |x: &[f32]| x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert_eq!(absmax(&x), scalar(&x), "absmax len {len}");
+        if len > 2 {
+            let i = rng.below(len);
+            x[i] = -7.5;
+            assert_eq!(absmax(&x), 7.5, "negative maximum, len {len}");
+            x[rng.below(len)] = f32::NAN;
+            assert_eq!(absmax(&x), scalar(&x), "NaN ignored, len {len}");
+            x[rng.below(len)] = f32::NEG_INFINITY;
+            assert_eq!(absmax(&x), f32::INFINITY, "infinity, len {len}");
+        }
+        for dtype in FLOAT_DTYPES {
+            let t = rng.tensor(&[len.max(1)], -4.0, 4.0, dtype)?;
+            let want = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let mut got = vec![f32::NAN; want.len()];
+            crate::dispatch_float!(dtype, "widen", T => crate::host::with_slice::<T, _>(&t, "widen", |data, _| {
+                widen_row(data, &mut got);
+                Ok(())
+            }))?;
+            assert_eq!(got, want, "{}", case_id("WIDEN_ROW", dtype, &[len.max(1)], "cpu"));
+        }
+    }
+    Ok(())
+}
