@@ -113,7 +113,7 @@ fn read_bandwidth_gbs(bytes: usize) -> f64 {
 
 /// The engine our engine is measured against.
 enum Baseline {
-    Candle(ReferenceModel),
+    Candle(Box<ReferenceModel>),
     OursF32(Box<Transformer<CpuBackend>>),
 }
 
@@ -243,7 +243,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 &ckpt.weights,
                 cap,
             )?))),
-            (false, _) => Some(Baseline::Candle(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?)),
+            (false, _) => {
+                Some(Baseline::Candle(Box::new(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?)))
+            }
         };
         baseline_label = reference.as_ref().map(Baseline::label);
         drop(ckpt);
