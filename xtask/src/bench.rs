@@ -118,13 +118,6 @@ enum Baseline {
 }
 
 impl Baseline {
-    fn label(&self) -> &'static str {
-        match self {
-            Baseline::Candle(_) => "candle-transformers f32",
-            Baseline::OursF32(_) => "ours f32",
-        }
-    }
-
     /// Prefill of `batch` prompts of `len` tokens (`ids` row-major), in tokens/s.
     fn prefill(&mut self, ids: &[u32], batch: usize, len: usize) -> Result<f64> {
         match self {
@@ -198,7 +191,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     let mut floors = Vec::new();
     let mut rows: Vec<Row> = Vec::new();
-    let mut baseline_label = None;
     for name in &models {
         let path = fetch::resolve_model(Some(name), name, args.cache.as_deref())?;
         let ckpt = load_checkpoint(&path, DType::F32)?;
@@ -247,7 +239,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 Some(Baseline::Candle(Box::new(ReferenceModel::new(&cfg, ckpt.weights.tensors(), DType::F32)?)))
             }
         };
-        baseline_label = reference.as_ref().map(Baseline::label);
         drop(ckpt);
         let bytes = ours.weight_bytes_per_token();
         let bandwidth = read_bandwidth_gbs(bytes);
@@ -300,7 +291,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     let ours_label = args.quantize.as_deref().map_or("ours f32".to_string(), |q| format!("ours {q}"));
-    let baseline_label = baseline_label.unwrap_or("baseline");
+    let baseline_label = if args.baseline == "f32" { "ours f32" } else { "candle-transformers f32" };
     println!("\n| model | metric | {ours_label} tokens/s (median, min..max) | {baseline_label} tokens/s | ratio |");
     println!("|---|---|---|---|---|");
     for r in &rows {

@@ -33,8 +33,8 @@ pub enum AllocatorTuning {
 }
 
 /// Raises glibc's mmap threshold to [`MMAP_THRESHOLD`], its trim threshold to 1 GiB and its top
-/// pad to [`TOP_PAD`], once per
-/// process (later calls return the first result). Called by the model backends when they are built.
+/// pad to [`TOP_PAD`], once per process (later calls return the first result). Called when a CPU
+/// model backend is built.
 pub fn keep_step_buffers() -> AllocatorTuning {
     static RESULT: std::sync::OnceLock<AllocatorTuning> = std::sync::OnceLock::new();
     *RESULT.get_or_init(|| {

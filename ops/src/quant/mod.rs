@@ -107,14 +107,14 @@ fn widen_row<T: Element>(src: &[T], dst: &mut [f32]) {
     }
 }
 
-/// `max |x[i]|`, NaN ignored (AVX-512 where available).
-fn absmax(x: &[f32]) -> f32 {
+/// `max |x[i]|` as f32, NaN ignored (AVX-512 where available).
+fn absmax<T: Element>(x: &[T]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
         // SAFETY: AVX-512F/BW checked just above.
         return unsafe { simd::absmax(x) };
     }
-    x.iter().fold(0f32, |a, v| a.max(v.abs()))
+    x.iter().fold(0f32, |a, v| a.max(v.to_f32().abs()))
 }
 
 /// The per-token symmetric scale of a row with maximum magnitude `absmax`: `absmax / 127`, 1
@@ -128,14 +128,7 @@ fn symmetric_scale(absmax: f32) -> f32 {
 fn row_scales<T: Element>(x: &Tensor, m: usize, k: usize) -> Result<Vec<f32>> {
     with_slice::<T, _>(x, "quant_linear_per_token", |data, layout| {
         let src = &data[layout.start_offset()..layout.start_offset() + m * k];
-        let scale = |row: &[T]| {
-            if T::DTYPE == DType::F32 {
-                // SAFETY: T is f32 (checked through its dtype), so the slice reinterprets as is.
-                let row = unsafe { std::slice::from_raw_parts(row.as_ptr().cast::<f32>(), row.len()) };
-                return symmetric_scale(absmax(row));
-            }
-            symmetric_scale(row.iter().fold(0f32, |a, v| a.max(v.to_f32().abs())))
-        };
+        let scale = |row: &[T]| symmetric_scale(absmax(row));
         Ok(if m * k >= 64 * 1024 {
             src.par_chunks(k.max(1)).take(m).map(scale).collect()
         } else {

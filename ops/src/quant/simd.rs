@@ -146,30 +146,31 @@ pub(super) unsafe fn widen_row<T: Element>(src: &[T], dst: &mut [f32]) {
     }
 }
 
-/// `max |x[i]|` ignoring NaN (0 for an empty or all-NaN row), like
-/// `x.iter().fold(0.0, |a, v| a.max(v.abs()))`.
+/// `max |x[i]|` of f32 / f16 / bf16 values ignoring NaN (0 for an empty or all-NaN row), like
+/// `x.iter().fold(0.0, |a, v| a.max(v.to_f32().abs()))`.
 ///
 /// # Safety
 /// [`available`] must be true.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(super) unsafe fn absmax(x: &[f32]) -> f32 {
-    let (chunks, tail) = x.as_chunks::<16>();
+pub(super) unsafe fn absmax<T: Element>(x: &[T]) -> f32 {
     let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let mut pairs = chunks.chunks_exact(2);
     // MAXPS returns its second operand when either is NaN: with the accumulator second, NaN
     // lanes leave it unchanged (f32::max ignores NaN the same way).
-    for pair in &mut pairs {
-        // SAFETY: each chunk is 16 readable f32.
+    let mut i = 0;
+    while i + 32 <= x.len() {
+        // SAFETY: i + 32 <= len: 32 elements readable.
         unsafe {
-            a0 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(pair[0].as_ptr())), a0);
-            a1 = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(pair[1].as_ptr())), a1);
+            a0 = _mm512_max_ps(_mm512_abs_ps(load16(x.as_ptr().add(i))), a0);
+            a1 = _mm512_max_ps(_mm512_abs_ps(load16(x.as_ptr().add(i + 16))), a1);
         }
+        i += 32;
     }
-    for c in pairs.remainder() {
-        // SAFETY: as above.
-        a0 = _mm512_max_ps(_mm512_abs_ps(unsafe { _mm512_loadu_ps(c.as_ptr()) }), a0);
+    if i + 16 <= x.len() {
+        // SAFETY: i + 16 <= len: 16 elements readable.
+        a0 = _mm512_max_ps(_mm512_abs_ps(unsafe { load16(x.as_ptr().add(i)) }), a0);
+        i += 16;
     }
     let m = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-    tail.iter().fold(m, |a, v| a.max(v.abs()))
+    x[i..].iter().fold(m, |a, v| a.max(v.to_f32().abs()))
 }

@@ -323,10 +323,13 @@ fn absmax_and_widen_match_the_scalar_definitions() -> Result<()> {
             let t = rng.tensor(&[len.max(1)], -4.0, 4.0, dtype)?;
             let want = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             let mut got = vec![f32::NAN; want.len()];
+            let mut got_max = f32::NAN;
             crate::dispatch_float!(dtype, "widen", T => crate::host::with_slice::<T, _>(&t, "widen", |data, _| {
                 widen_row(data, &mut got);
+                got_max = absmax(data);
                 Ok(())
             }))?;
+            assert_eq!(got_max, want.iter().fold(0f32, |a, v| a.max(v.abs())), "absmax of {dtype:?}, len {len}");
             assert_eq!(got, want, "{}", case_id("WIDEN_ROW", dtype, &[len.max(1)], "cpu"));
         }
     }
