@@ -48,4 +48,4 @@ pub use quant::{
 };
 pub use rope::{rope, rope_reference};
 pub use swiglu::{swiglu, swiglu_reference};
-pub use weight_quant::{WeightQuantLinear, rtn_quantize_weight, weight_quant_linear_reference};
+pub use weight_quant::{Activations, WeightQuantLinear, rtn_quantize_weight, weight_quant_linear_reference};

@@ -16,6 +16,8 @@ pub(crate) type AccTile = [[i32; PAIR]; ROW_TILE];
 /// Rows up to which a call is treated as decode: split over channels only, and AMX hands over
 /// to the VNNI GEMV (a 16-row AMX tile would be mostly padding).
 pub(crate) const DECODE_ROWS: usize = 16;
+/// Rows up to which an AMX call uses the 16-row tile ([`amx::tile16`]) instead of 32-row blocks.
+pub(crate) const AMX_DECODE_ROWS: usize = 16;
 /// Rows of one prefill task: one 32-row block, whose activations (32 x K bytes) stay in L1
 /// while the task streams its group of weight pairs from L2 (measured faster than taller row
 /// blocks, where activations and weights evict each other from L1).
@@ -33,6 +35,20 @@ pub(crate) enum Sink<'a> {
     },
     I32 {
         out: OutPtr<i32>,
+    },
+    /// 16-bit activations split into bytes (see `a16`): staged rows come in blocks of
+    /// `2 * tokens_per_block`, the high bytes of the block's tokens then their low bytes, and
+    /// `out[t, n] = ((hi + hi_bias[n]) * 256 + (lo + lo_bias[n])) as f32 * w_scale[n] *
+    /// row_scale[t] + bias[n]` for the `tokens` real tokens.
+    Split16 {
+        out: OutPtr<f32>,
+        tokens_per_block: usize,
+        tokens: usize,
+        hi_bias: &'a [i32],
+        lo_bias: &'a [i32],
+        w_scale: &'a [f32],
+        row_scale: &'a [f32],
+        bias: Option<&'a [f32]>,
     },
 }
 
@@ -103,6 +119,22 @@ fn run_block(
         QuantKernel::Amx => Some(unsafe { amx::TileSession::start() }),
         _ => None,
     };
+    // Split 16-bit activations: the second 16 rows of every 32-row block are unsigned low bytes.
+    let split = matches!(sink, Sink::Split16 { .. });
+    if args.kernel == QuantKernel::Amx && rows.len() <= AMX_DECODE_ROWS && !split {
+        // Decode: one 16-row tile pair per channel pair over the whole K (16 x K activation
+        // bytes stay in L1 while the weights stream past once).
+        for p in pair_range {
+            let panels = [w.panel(2 * p), w.panel(2 * p + 1)];
+            // SAFETY: a TileSession is live (above); AMX staging pads calls of up to 16 rows
+            // to 16 rows and longer ones to a multiple of 32 (rows.start is a multiple of 32
+            // then), so rows rows.start..rows.start + 16 exist at stride k_padded; panels hold
+            // 16 * k_padded bytes.
+            unsafe { amx::tile16(x, rows.start, panels, w.k_padded, &mut acc) };
+            store(&acc, rows.len(), rows.start, p * PAIR, args, sink);
+        }
+        return;
+    }
     if args.kernel == QuantKernel::Amx {
         // K chunks outermost (per 32-row block): the block's activation chunk stays in L1
         // while every pair of the task streams past it; partial sums wait in `accs`.
@@ -122,7 +154,7 @@ fn run_block(
                     // SAFETY: a TileSession is live (above); staging for AMX pads rows to a
                     // multiple of ROW_TILE with stride k_padded; panels hold 16 * k_padded
                     // bytes; k0 and k1 are multiples of 64 within k_padded.
-                    unsafe { amx::tile(x, r0, panels, k0..k1, w.k_padded, acc, k0 > 0) };
+                    unsafe { amx::tile(x, r0, panels, k0..k1, w.k_padded, acc, k0 > 0, split) };
                     if k1 == w.k_padded {
                         // Last chunk: dequantize while the block is still in L1.
                         store(acc, mr, r0, p * PAIR, args, sink);
@@ -156,8 +188,32 @@ fn run_block(
 fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, sink: Sink<'_>) {
     let n = args.n;
     let cols = PAIR.min(n - n0);
-    let bias = &args.bias[n0..n0 + cols];
+    let bias = &args.bias[n0.min(args.bias.len())..(n0 + cols).min(args.bias.len())];
     match sink {
+        Sink::Split16 { out, tokens_per_block, tokens, hi_bias, lo_bias, w_scale, row_scale, bias } => {
+            let t = tokens_per_block;
+            assert!(mr == 2 * t && r0.is_multiple_of(2 * t), "split16: blocks of {} staged rows", 2 * t);
+            // Block r0 / (2t) holds tokens from (r0 / 2t) * t = r0 / 2.
+            let t0 = r0 / 2;
+            let valid = t.min(tokens - t0);
+            let ch = n0..n0 + cols;
+            let (hb, lb, ws) = (&hi_bias[ch.clone()], &lo_bias[ch.clone()], &w_scale[ch.clone()]);
+            let fb = bias.map(|b| &b[ch]);
+            for i in 0..valid {
+                let (hi, lo, rs) = (&acc[i], &acc[t + i], row_scale[t0 + i]);
+                // SAFETY: token t0 + i < tokens and channels n0..n0 + cols <= n lie inside the
+                // tokens x n output, and this task is the only writer of this block.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((t0 + i) * n + n0), cols) };
+                for c in 0..cols {
+                    let v = hi[c].wrapping_add(hb[c]) as f32 * 256.0 + lo[c].wrapping_add(lb[c]) as f32;
+                    let y = v * (ws[c] * rs);
+                    dst[c] = match fb {
+                        Some(b) => y + b[c],
+                        None => y,
+                    };
+                }
+            }
+        }
         Sink::F32 { out, deq_scale, row_scale } => {
             let deq = &deq_scale[n0..n0 + cols];
             let row_scale = row_scale.map(|s| &s[r0..r0 + mr]);

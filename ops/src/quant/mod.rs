@@ -18,6 +18,7 @@
 //! References: [`quantize_reference`], [`quant_matmul_reference`] (candle ops) and
 //! [`quant_accumulators_reference`] (exact integers).
 
+mod a16;
 mod amx;
 mod cpu;
 mod hadamard;
@@ -29,6 +30,7 @@ mod simd;
 mod tests;
 mod vnni;
 
+pub(crate) use a16::SplitInt16Linear;
 pub use hadamard::{check_hadamard_block, hadamard_block, hadamard_row, hadamard_rows};
 pub use reference::{quant_accumulators_reference, quant_matmul_reference, quantize_reference};
 
@@ -331,7 +333,11 @@ impl QuantLinear {
     }
 
     fn staging(&self, rows: usize, kernel: QuantKernel) -> StagedActivations {
-        let rows_padded = if kernel == QuantKernel::Amx { rows.div_ceil(ROW_TILE) * ROW_TILE } else { rows };
+        let rows_padded = match kernel {
+            QuantKernel::Amx if rows <= cpu::AMX_DECODE_ROWS => cpu::AMX_DECODE_ROWS,
+            QuantKernel::Amx => rows.div_ceil(ROW_TILE) * ROW_TILE,
+            _ => rows,
+        };
         StagedActivations::new(rows, rows_padded, self.weights.k_padded)
     }
 

@@ -52,12 +52,36 @@ impl KernelPath {
     }
 }
 
+/// How a [`WeightQuantLinear`] treats its float activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 arithmetic: the int8 weights are widened to f32 in registers (FMA kernels).
+    Float,
+    /// Per-row symmetric int16 (`max|x| / 32767`), split into bytes for the int8 kernels (AMX
+    /// where granted; see `quant::a16`): exact integer sums, symmetric weights only.
+    Int16,
+}
+
+impl Activations {
+    /// The default for symmetric weights on this machine: `Int16` where the OS grants AMX
+    /// (`tdpbssd`/`tdpbusd` beat f32 FMA from 9 rows up and match it on bandwidth-bound GEMVs),
+    /// else `Float`.
+    pub fn detect() -> Self {
+        if crate::QuantKernel::Amx.is_available() { Self::Int16 } else { Self::Float }
+    }
+}
+
+/// The packed weight of one [`Activations`] form.
+enum Packing {
+    /// `ceil(N / PANEL)` panels of `K * PANEL` int8, zero past `N`, 64-byte aligned at `offset`.
+    Float { panels: Vec<i8>, offset: usize },
+    /// The int8 kernels' panel layout.
+    Int16(crate::quant::SplitInt16Linear),
+}
+
 /// An int8 weight (per-channel scale, optional offset) and optional bias, packed for the CPU.
 pub struct WeightQuantLinear {
-    /// `ceil(N / PANEL)` panels of `K * PANEL` int8, zero past `N`, 64-byte aligned at
-    /// `panels_offset`.
-    panels: Vec<i8>,
-    panels_offset: usize,
+    packing: Packing,
     /// Per output channel, padded with zeros to a multiple of [`PANEL`].
     scale: Vec<f32>,
     /// `scale * offset` per output channel (padded); `None` for symmetric weights.
@@ -75,6 +99,7 @@ impl std::fmt::Debug for WeightQuantLinear {
             .field("in_features", &self.in_features)
             .field("offset", &self.scaled_offset.is_some())
             .field("bias", &self.bias.is_some())
+            .field("activations", &self.activations())
             .finish()
     }
 }
@@ -86,13 +111,28 @@ fn padded(values: &[f32], n: usize) -> Vec<f32> {
 }
 
 impl WeightQuantLinear {
-    /// Packs `w_q` (`[n, k]` row-major int8), `scale` `[n]`, `offset` `[n]` and `bias` `[n]`.
+    /// Packs `w_q` (`[n, k]` row-major int8), `scale` `[n]`, `offset` `[n]` and `bias` `[n]`
+    /// for this machine's default [`Activations`] (`Float` for asymmetric weights).
     pub fn new(
         w_q: &[i8],
         (n, k): (usize, usize),
         scale: &[f32],
         offset: Option<&[f32]>,
         bias: Option<&Tensor>,
+    ) -> Result<Self> {
+        let activations = if offset.is_some() { Activations::Float } else { Activations::detect() };
+        Self::with_activations(w_q, (n, k), scale, offset, bias, activations)
+    }
+
+    /// Like [`new`](Self::new) with a chosen activation form (tests, benchmarks); `Int16` needs
+    /// symmetric weights (no offset).
+    pub fn with_activations(
+        w_q: &[i8],
+        (n, k): (usize, usize),
+        scale: &[f32],
+        offset: Option<&[f32]>,
+        bias: Option<&Tensor>,
+        activations: Activations,
     ) -> Result<Self> {
         if n == 0 || k == 0 {
             bail!("weight_quant_linear: empty weight [{n}, {k}]");
@@ -120,20 +160,21 @@ impl WeightQuantLinear {
                 Some(padded(&b.to_dtype(DType::F32)?.to_vec1::<f32>()?, n))
             }
         };
-        let (panels, panels_offset) = cpu::pack_panels(w_q, n, k);
+        let packing = match activations {
+            Activations::Float => {
+                let (panels, offset) = cpu::pack_panels(w_q, n, k);
+                Packing::Float { panels, offset }
+            }
+            Activations::Int16 if offset.is_some() => {
+                bail!("weight_quant_linear: int16 activations need symmetric weights (no offset)")
+            }
+            Activations::Int16 => Packing::Int16(crate::quant::SplitInt16Linear::new(w_q, n, k)),
+        };
         let scaled_offset = offset.map(|o| {
             let so: Vec<f32> = o.iter().zip(scale).map(|(o, s)| o * s).collect();
             padded(&so, n)
         });
-        Ok(Self {
-            panels,
-            panels_offset,
-            scale: padded(scale, n),
-            scaled_offset,
-            bias,
-            out_features: n,
-            in_features: k,
-        })
+        Ok(Self { packing, scale: padded(scale, n), scaled_offset, bias, out_features: n, in_features: k })
     }
 
     /// Quantizes a float weight `[N, K]` with [`rtn_quantize_weight`] and packs it.
@@ -151,6 +192,14 @@ impl WeightQuantLinear {
         self.in_features
     }
 
+    /// The activation form this layer computes with.
+    pub fn activations(&self) -> Activations {
+        match self.packing {
+            Packing::Float { .. } => Activations::Float,
+            Packing::Int16(_) => Activations::Int16,
+        }
+    }
+
     /// The dequantized rows `(w_q[r] + offset[r]) * scale[r]` for each `r` of `rows`, as
     /// `rows.len() x K` row-major f32: an embedding lookup in a tied lm_head's int8 weight
     /// (so a tied model needs no second, float copy of the table).
@@ -162,11 +211,20 @@ impl WeightQuantLinear {
             if r >= self.out_features {
                 bail!("weight_quant_linear: row {r} out of range (N = {})", self.out_features);
             }
-            let (p, j) = (r / PANEL, r % PANEL);
-            let panel = &self.panels[self.panels_offset + p * k * PANEL..][..k * PANEL];
             let (scale, shift) = (self.scale[r], self.scaled_offset.as_ref().map_or(0.0, |o| o[r]));
-            for (kk, d) in dst.iter_mut().enumerate() {
-                *d = panel[kk * PANEL + j] as f32 * scale + shift;
+            match &self.packing {
+                Packing::Float { panels, offset } => {
+                    let (p, j) = (r / PANEL, r % PANEL);
+                    let panel = &panels[offset + p * k * PANEL..][..k * PANEL];
+                    for (kk, d) in dst.iter_mut().enumerate() {
+                        *d = panel[kk * PANEL + j] as f32 * scale + shift;
+                    }
+                }
+                Packing::Int16(linear) => {
+                    for (d, w) in dst.iter_mut().zip(linear.row(r)) {
+                        *d = w as f32 * scale + shift;
+                    }
+                }
             }
         }
         Ok(out)
@@ -174,7 +232,10 @@ impl WeightQuantLinear {
 
     /// Bytes of packed weight read per forward (bandwidth accounting; scales excluded).
     pub fn weight_bytes(&self) -> usize {
-        self.out_features.div_ceil(PANEL) * PANEL * self.in_features
+        match &self.packing {
+            Packing::Float { .. } => self.out_features.div_ceil(PANEL) * PANEL * self.in_features,
+            Packing::Int16(linear) => linear.weight_bytes(),
+        }
     }
 
     /// `y = x @ ((w_q + offset) * scale)^T + bias` on the fastest available kernel.
@@ -209,7 +270,15 @@ impl WeightQuantLinear {
 
     fn run(&self, x: &[f32], m: usize, y: &mut [f32], path: KernelPath) {
         let k = self.in_features;
-        let panels = &self.panels[self.panels_offset..self.panels_offset + self.weight_bytes()];
+        let (panels, offset) = match &self.packing {
+            Packing::Float { panels, offset } => (panels, *offset),
+            Packing::Int16(linear) => {
+                let kernel = crate::quant::SplitInt16Linear::kernel_for(m, path == KernelPath::Portable);
+                linear.forward(x, m, y, &self.scale, self.bias.as_deref(), kernel);
+                return;
+            }
+        };
+        let panels = &panels[offset..offset + self.weight_bytes()];
         let row_sums: Option<Vec<f32>> =
             self.scaled_offset.as_ref().map(|_| x.chunks_exact(k).map(|row| row.iter().sum()).collect());
         let epilogue = cpu::Epilogue {
