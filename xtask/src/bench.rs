@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: prefill and decode throughput of our engine against a baseline on the
 //! same f32 weights (candle-transformers' own llama / qwen2, or our engine unquantized),
 //! interleaved in one run, reported as medians with their spread (min..max) and the ratio of
-//! medians; then, per model, the decode bandwidth floor and the batch scaling of decode.
+//! medians; then, per model, the decode bandwidth floor and the batch scaling of decode, each as
+//! the median of per-repetition ratios (every repetition measures the floor and each batch size
+//! back to back, so each ratio pairs measurements taken close together on a drifting machine).
 
 use anyhow::{Context, Result};
 use candle_ascend_models::fetch;
@@ -61,11 +63,17 @@ impl Samples {
         v.sort_by(f64::total_cmp);
         if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
     }
+    /// `min..max` (one decimal for tokens/s, two below 10 for ratios).
     fn spread(&self) -> String {
         let min = self.0.iter().copied().fold(f64::INFINITY, f64::min);
         let max = self.0.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        format!("{min:.1}..{max:.1}")
+        if max < 10.0 { format!("{min:.2}..{max:.2}") } else { format!("{min:.1}..{max:.1}") }
     }
+}
+
+/// `num[i] / den[i]` for each repetition `i` (both measured in repetition `i`); empty without `den`.
+fn paired_ratios(num: &Samples, den: Option<&[f64]>) -> Samples {
+    Samples(den.map_or(Vec::new(), |d| num.0.iter().zip(d).map(|(n, d)| n / d).collect()))
 }
 
 struct Row {
@@ -73,6 +81,26 @@ struct Row {
     metric: String,
     ours: Samples,
     reference: Samples,
+}
+
+impl Row {
+    fn new(model: &str, metric: String) -> Self {
+        Self { model: model.to_string(), metric, ours: Samples::default(), reference: Samples::default() }
+    }
+}
+
+/// Per model: the batch-1 bandwidth floor and the decode scaling, per repetition.
+struct Floor {
+    model: String,
+    /// Weight bytes read per decode step and weight bytes held.
+    bytes: usize,
+    held: usize,
+    /// Floor in tokens/s at batch 1, one per repetition.
+    floor: Samples,
+    /// Batch-1 decode tokens/s per repetition (when batch 1 was measured).
+    b1: Option<Vec<f64>>,
+    /// For each batch above 1: its aggregate decode over batch 1's, per repetition.
+    batch_ratios: Vec<(usize, Samples)>,
 }
 
 /// A busy-looping child process, killed on drop.
@@ -241,24 +269,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         drop(ckpt);
         let bytes = ours.weight_bytes_per_token();
-        let bandwidth = read_bandwidth_gbs(bytes);
-        eprintln!("read bandwidth over {:.0} MB (same run): {bandwidth:.1} GB/s", bytes as f64 / 1e6);
-        floors.push((name.clone(), bytes, ours.resident_weight_bytes(), bandwidth));
-        for &batch in &args.batches {
-            let mut prefill = Row {
-                model: name.clone(),
-                metric: format!("prefill {}x{}", batch, args.prompt_len),
-                ours: Samples::default(),
-                reference: Samples::default(),
-            };
-            let mut decode = Row {
-                model: name.clone(),
-                metric: format!("decode batch {batch}"),
-                ours: Samples::default(),
-                reference: Samples::default(),
-            };
-            for rep in 0..args.reps + 1 {
-                let warmup = rep == 0;
+        // Every repetition measures the bandwidth floor and each batch size back to back, so the
+        // ratios below pair measurements taken minutes apart at most (this machine's speed drifts).
+        let mut prefill_rows: Vec<Row> =
+            args.batches.iter().map(|&b| Row::new(name, format!("prefill {b}x{}", args.prompt_len))).collect();
+        let mut decode_rows: Vec<Row> =
+            args.batches.iter().map(|&b| Row::new(name, format!("decode batch {b}"))).collect();
+        let mut floor = Samples::default();
+        for rep in 0..args.reps + 1 {
+            let warmup = rep == 0;
+            let bandwidth = read_bandwidth_gbs(bytes);
+            if !warmup {
+                eprintln!("  {name} rep {rep}: read bandwidth over {:.0} MB {bandwidth:.1} GB/s", bytes as f64 / 1e6);
+                floor.0.push(bandwidth * 1e9 / bytes as f64);
+            }
+            for (i, &batch) in args.batches.iter().enumerate() {
                 let ids = prompt(cfg.vocab_size, batch, args.prompt_len, 17 + rep as u64);
                 let ours_tps = prefill_tps(&mut ours, &ids, batch, args.prompt_len)?;
                 let ref_tps = reference.as_mut().map(|r| r.prefill(&ids, batch, args.prompt_len)).transpose()?;
@@ -272,11 +297,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 if warmup {
                     continue;
                 }
-                prefill.ours.0.push(ours_tps);
-                decode.ours.0.push(ours_dec);
+                prefill_rows[i].ours.0.push(ours_tps);
+                decode_rows[i].ours.0.push(ours_dec);
                 if let (Some(p), Some(d)) = (ref_tps, ref_dec) {
-                    prefill.reference.0.push(p);
-                    decode.reference.0.push(d);
+                    prefill_rows[i].reference.0.push(p);
+                    decode_rows[i].reference.0.push(d);
                 }
                 let base = match (ref_tps, ref_dec) {
                     (Some(p), Some(d)) => format!(" (baseline: prefill {p:.1}, decode {d:.1})"),
@@ -286,8 +311,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "  {name} batch {batch} rep {rep}: prefill {ours_tps:.1} tok/s, decode {ours_dec:.1} tok/s{base}"
                 );
             }
-            rows.push(prefill);
-            rows.push(decode);
+        }
+        let b1 = args.batches.iter().position(|&b| b == 1).map(|i| decode_rows[i].ours.0.clone());
+        floors.push(Floor {
+            model: name.clone(),
+            bytes,
+            held: ours.resident_weight_bytes(),
+            floor,
+            batch_ratios: args
+                .batches
+                .iter()
+                .zip(&decode_rows)
+                .filter(|(b, _)| **b > 1)
+                .map(|(&b, row)| (b, paired_ratios(&row.ours, b1.as_deref())))
+                .collect(),
+            b1,
+        });
+        for (p, d) in prefill_rows.into_iter().zip(decode_rows) {
+            rows.push(p);
+            rows.push(d);
         }
     }
     let ours_label = args.quantize.as_deref().map_or("ours f32".to_string(), |q| format!("ours {q}"));
@@ -305,25 +347,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("| {} | {} | {ours} | {reference} | {ratio} |", r.model, r.metric);
     }
     println!();
-    for (name, bytes, held, bandwidth) in floors {
-        let floor = bandwidth * 1e9 / bytes as f64;
+    for f in floors {
         println!(
-            "{name}: {:.0} MB of weights held, {:.0} MB read per decode step, read bandwidth over that working set \
-             {bandwidth:.1} GB/s (this run) -> bandwidth floor {floor:.1} tokens/s at batch 1",
-            held as f64 / 1e6,
-            bytes as f64 / 1e6,
+            "{}: {:.0} MB of weights held, {:.0} MB read per decode step; bandwidth floor at batch 1 (read \
+             bandwidth over that working set, measured in every repetition) {:.1} tokens/s ({})",
+            f.model,
+            f.held as f64 / 1e6,
+            f.bytes as f64 / 1e6,
+            f.floor.median(),
+            f.floor.spread()
         );
-        let decode_median = |batch: usize| {
-            rows.iter()
-                .find(|r| r.model == name && r.metric == format!("decode batch {batch}"))
-                .map(|r| r.ours.median())
-        };
-        if let Some(b1) = decode_median(1) {
-            println!("{name}: decode batch 1 at {:.2}x the bandwidth floor's step time", floor / b1);
-            for &batch in args.batches.iter().filter(|&&b| b > 1) {
-                if let Some(bn) = decode_median(batch) {
-                    println!("{name}: decode batch {batch} aggregate {:.2}x batch 1", bn / b1);
-                }
+        if let Some(b1) = &f.b1 {
+            // Step time over the floor's step time, per repetition: floor / decode.
+            let ratios = paired_ratios(&f.floor, Some(b1));
+            println!(
+                "{}: decode batch 1 at {:.2}x the bandwidth floor's step time (median of per-repetition ratios, {})",
+                f.model,
+                ratios.median(),
+                ratios.spread()
+            );
+        }
+        for (batch, ratios) in &f.batch_ratios {
+            if !ratios.0.is_empty() {
+                println!(
+                    "{}: decode batch {batch} aggregate {:.2}x batch 1 (median of per-repetition ratios, {})",
+                    f.model,
+                    ratios.median(),
+                    ratios.spread()
+                );
             }
         }
     }

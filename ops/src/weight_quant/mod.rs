@@ -13,6 +13,11 @@
 //! Scale and offset are applied once per output channel in the epilogue:
 //! `sum_k x[k] * (w[k] + o) * s = s * (sum_k x[k] * w[k] + o * sum_k x[k])`.
 //!
+//! Where the OS grants AMX, symmetric weights default to [`Activations::Int16`] instead: the
+//! weight is packed in the int8 kernels' layout and each activation row is quantized to int16 at
+//! run time and multiplied exactly in integers (`quant::a16`); the result then differs from the
+//! f32 form by the activation rounding alone (at most `max|x[t]| / 65534` per element).
+//!
 //! [`rtn_quantize_weight`] makes symmetric per-channel weights from a float matrix
 //! (round-to-nearest); [`weight_quant_linear_reference`] is the f32 oracle from candle ops.
 
