@@ -92,8 +92,9 @@ impl Row {
 /// Per model: the batch-1 bandwidth floor and the decode scaling, per repetition.
 struct Floor {
     model: String,
-    /// Weight bytes read per decode step and weight bytes held.
-    bytes: usize,
+    /// Weight and KV-cache bytes read per batch-1 decode step, and weight bytes held.
+    weight_bytes: usize,
+    kv_bytes: usize,
     held: usize,
     /// Floor in tokens/s at batch 1, one per repetition.
     floor: Samples,
@@ -268,7 +269,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         };
         drop(ckpt);
-        let bytes = ours.weight_bytes_per_token();
+        // Bytes a batch-1 decode step reads: every weight once, plus the K and V of the cached
+        // positions (on average the 64-token prompt and half the decode steps).
+        let weight_bytes = ours.weight_bytes_per_token();
+        let kv_per_position = ours.kv_cache_bytes() / (cap.max_batch * cap.max_seq_len);
+        let kv_bytes = kv_per_position * (64.min(args.prompt_len) + args.decode_steps / 2);
+        let bytes = weight_bytes + kv_bytes;
         // Every repetition measures the bandwidth floor and each batch size back to back, so the
         // ratios below pair measurements taken minutes apart at most (this machine's speed drifts).
         let mut prefill_rows: Vec<Row> =
@@ -315,7 +321,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let b1 = args.batches.iter().position(|&b| b == 1).map(|i| decode_rows[i].ours.0.clone());
         floors.push(Floor {
             model: name.clone(),
-            bytes,
+            weight_bytes,
+            kv_bytes,
             held: ours.resident_weight_bytes(),
             floor,
             batch_ratios: args
@@ -349,11 +356,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!();
     for f in floors {
         println!(
-            "{}: {:.0} MB of weights held, {:.0} MB read per decode step; bandwidth floor at batch 1 (read \
-             bandwidth over that working set, measured in every repetition) {:.1} tokens/s ({})",
+            "{}: {:.0} MB of weights held; {:.1} MB of weights + {:.2} MB of KV cache read per batch-1 decode step; \
+             bandwidth floor (those bytes over the read bandwidth of a buffer that size, measured in every \
+             repetition) {:.1} tokens/s ({})",
             f.model,
             f.held as f64 / 1e6,
-            f.bytes as f64 / 1e6,
+            f.weight_bytes as f64 / 1e6,
+            f.kv_bytes as f64 / 1e6,
             f.floor.median(),
             f.floor.spread()
         );
