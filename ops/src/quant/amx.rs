@@ -157,43 +157,34 @@ pub(super) unsafe fn tile(
             );
         }
         let mut kb = k_range.start;
+        // One 64-deep K block of the 2 x 2 tile block; `$lower` multiplies the second A tile
+        // (rows r0 + 16..r0 + 32): `tdpbssd` (signed) or `tdpbusd` (unsigned activations).
+        macro_rules! k_block {
+            ($lower:literal) => {
+                std::arch::asm!(
+                    "tileloadd tmm4, [{a0} + {sa} * 1]",
+                    "tileloadd tmm6, [{b0} + {sb} * 1]",
+                    "tdpbssd tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {sb} * 1]",
+                    "tdpbssd tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {sa} * 1]",
+                    concat!($lower, " tmm2, tmm5, tmm6"),
+                    concat!($lower, " tmm3, tmm5, tmm7"),
+                    a0 = in(reg) a0.add(kb),
+                    a1 = in(reg) a1.add(kb),
+                    b0 = in(reg) b0.add(kb * 16),
+                    b1 = in(reg) b1.add(kb * 16),
+                    sa = in(reg) k_padded,
+                    sb = in(reg) 64usize,
+                    options(nostack, readonly)
+                )
+            };
+        }
         while kb < k_range.end {
             if lower_unsigned {
-                std::arch::asm!(
-                    "tileloadd tmm4, [{a0} + {sa} * 1]",
-                    "tileloadd tmm6, [{b0} + {sb} * 1]",
-                    "tdpbssd tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b1} + {sb} * 1]",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1} + {sa} * 1]",
-                    "tdpbusd tmm2, tmm5, tmm6",
-                    "tdpbusd tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0.add(kb),
-                    a1 = in(reg) a1.add(kb),
-                    b0 = in(reg) b0.add(kb * 16),
-                    b1 = in(reg) b1.add(kb * 16),
-                    sa = in(reg) k_padded,
-                    sb = in(reg) 64usize,
-                    options(nostack, readonly)
-                );
+                k_block!("tdpbusd");
             } else {
-                std::arch::asm!(
-                    "tileloadd tmm4, [{a0} + {sa} * 1]",
-                    "tileloadd tmm6, [{b0} + {sb} * 1]",
-                    "tdpbssd tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b1} + {sb} * 1]",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1} + {sa} * 1]",
-                    "tdpbssd tmm2, tmm5, tmm6",
-                    "tdpbssd tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0.add(kb),
-                    a1 = in(reg) a1.add(kb),
-                    b0 = in(reg) b0.add(kb * 16),
-                    b1 = in(reg) b1.add(kb * 16),
-                    sa = in(reg) k_padded,
-                    sb = in(reg) 64usize,
-                    options(nostack, readonly)
-                );
+                k_block!("tdpbssd");
             }
             kb += K_BLOCK;
         }
