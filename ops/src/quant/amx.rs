@@ -99,6 +99,32 @@ pub(super) fn k_chunk(k_padded: usize) -> usize {
     (k_padded / K_BLOCK).div_ceil(chunks) * K_BLOCK
 }
 
+/// Stores accumulator tiles tmm0..3 as the 2 x 2 blocks of a 32 x 32 i32 array at `c`
+/// (tmm0: rows 0..16, channels 0..16; tmm1: channels 16..32; tmm2/3: rows 16..32).
+///
+/// # Safety
+/// A [`TileSession`] must be live on this thread and `c` valid for writing 32 x 32 i32.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_accumulators(c: *mut i32) {
+    // SAFETY: each tilestored writes 16 rows x 64 bytes at a 128-byte stride from its corner,
+    // all inside the caller's 32 x 32 i32 array.
+    unsafe {
+        std::arch::asm!(
+            "tilestored [{c00} + {sc} * 1], tmm0",
+            "tilestored [{c01} + {sc} * 1], tmm1",
+            "tilestored [{c10} + {sc} * 1], tmm2",
+            "tilestored [{c11} + {sc} * 1], tmm3",
+            c00 = in(reg) c,
+            c01 = in(reg) c.add(16),
+            c10 = in(reg) c.add(16 * 32),
+            c11 = in(reg) c.add(16 * 32 + 16),
+            sc = in(reg) 128usize,
+            options(nostack)
+        );
+    }
+}
+
 /// Computes the 32 x 32 block of rows `r0..r0 + 32` against the two panels `w` over
 /// `k_range` (bounds multiples of 64, within `k_padded`) into `acc`: overwritten when
 /// `accumulate` is false, added to when true. With `lower_unsigned`, rows `r0 + 16..r0 + 32`
@@ -188,18 +214,7 @@ pub(super) unsafe fn tile(
             }
             kb += K_BLOCK;
         }
-        std::arch::asm!(
-            "tilestored [{c00} + {sc} * 1], tmm0",
-            "tilestored [{c01} + {sc} * 1], tmm1",
-            "tilestored [{c10} + {sc} * 1], tmm2",
-            "tilestored [{c11} + {sc} * 1], tmm3",
-            c00 = in(reg) c,
-            c01 = in(reg) c.add(16),
-            c10 = in(reg) c.add(16 * 32),
-            c11 = in(reg) c.add(16 * 32 + 16),
-            sc = in(reg) 128usize,
-            options(nostack)
-        );
+        store_accumulators(c);
     }
 }
 
@@ -266,18 +281,7 @@ pub(super) unsafe fn tile16(x: &StagedActivations, r0: usize, w: [&[u8]; 2], k_p
                 options(nostack, readonly)
             );
         }
-        std::arch::asm!(
-            "tilestored [{c00} + {sc} * 1], tmm0",
-            "tilestored [{c01} + {sc} * 1], tmm1",
-            "tilestored [{c10} + {sc} * 1], tmm2",
-            "tilestored [{c11} + {sc} * 1], tmm3",
-            c00 = in(reg) c,
-            c01 = in(reg) c.add(16),
-            c10 = in(reg) c.add(16 * 32),
-            c11 = in(reg) c.add(16 * 32 + 16),
-            sc = in(reg) 128usize,
-            options(nostack)
-        );
+        store_accumulators(c);
     }
     let (even, odd) = acc.split_at_mut(16);
     for (e, o) in even.iter_mut().zip(odd.iter()) {
