@@ -22,8 +22,8 @@
 use rayon::prelude::*;
 
 use super::cpu::{self, GemmArgs, OutPtr, Sink};
-use super::pack::{self, PANEL, PackedWeights, StagedActivations};
-use super::{QuantKernel, SMALL_DECODE_ROWS, absmax};
+use super::pack::{self, PackedWeights, StagedActivations};
+use super::{QuantKernel, SMALL_DECODE_ROWS, absmax, default_kernels};
 
 /// Tokens per staged block on AMX (one tile of rows per byte plane).
 const AMX_TOKENS: usize = 16;
@@ -44,12 +44,14 @@ impl SplitInt16Linear {
     /// Packs `wq` (`[n, k]` row-major int8).
     pub(crate) fn new(wq: &[i8], n: usize, k: usize) -> Self {
         assert_eq!(wq.len(), n * k, "split16: weight is not [n, k]");
-        let wsum: Vec<i32> = wq.chunks_exact(k).map(|row| row.iter().map(|&v| v as i32).sum()).collect();
+        let zeros = vec![0; n];
+        // The VNNI shift correction of `QuantLinear`, on a zero bias.
+        let minus_128_wsum = pack::fold_shift_into_bias(wq, n, k, &zeros);
         Self {
             weights: pack::pack_weights(wq, n, k),
-            minus_128_wsum: wsum.iter().map(|s| -128 * s).collect(),
-            plus_128_wsum: wsum.iter().map(|s| 128 * s).collect(),
-            zeros: vec![0; n],
+            plus_128_wsum: minus_128_wsum.iter().map(|s| s.wrapping_neg()).collect(),
+            minus_128_wsum,
+            zeros,
             n,
             k,
         }
@@ -61,22 +63,19 @@ impl SplitInt16Linear {
     }
 
     /// Weight row `r` as int8 values (`K` of them), read back from the panel layout.
-    pub(crate) fn row(&self, r: usize) -> Vec<i8> {
+    pub(crate) fn row(&self, r: usize) -> impl Iterator<Item = i8> + '_ {
         assert!(r < self.n, "split16: row {r} out of range");
-        let panel = self.weights.panel(r / PANEL);
-        let j = r % PANEL;
-        (0..self.k).map(|kk| panel[(kk / 4) * 64 + j * 4 + kk % 4] as i8).collect()
+        self.weights.row(r, self.k)
     }
 
-    /// The kernel for a call of `m` rows: VNNI for small decode calls, AMX above (each where
-    /// available); `portable` forces the scalar kernel.
+    /// The kernel for a call of `m` rows: `QuantLinear`'s choice (see `default_kernels`);
+    /// `portable` forces the scalar kernel.
     pub(crate) fn kernel_for(m: usize, portable: bool) -> QuantKernel {
-        let (amx, vnni) = (QuantKernel::Amx.is_available(), QuantKernel::Vnni.is_available());
+        let (prefill, decode) = default_kernels();
         match () {
             _ if portable => QuantKernel::Portable,
-            _ if vnni && (m <= SMALL_DECODE_ROWS || !amx) => QuantKernel::Vnni,
-            _ if amx => QuantKernel::Amx,
-            _ => QuantKernel::Portable,
+            _ if m <= SMALL_DECODE_ROWS => decode,
+            _ => prefill,
         }
     }
 

@@ -13,8 +13,8 @@ use super::{QuantKernel, amx, portable, vnni};
 /// Integer accumulators of one block: up to 32 rows x 32 channels.
 pub(crate) type AccTile = [[i32; PAIR]; ROW_TILE];
 
-/// Rows up to which a call is treated as decode: split over channels only, and AMX hands over
-/// to the VNNI GEMV (a 16-row AMX tile would be mostly padding).
+/// Rows up to which a call is treated as decode: split over channels only (a GEMV streaming the
+/// packed weights once, on VNNI up to `SMALL_DECODE_ROWS` rows and on the 16-row AMX tile above).
 pub(crate) const DECODE_ROWS: usize = 16;
 /// Rows up to which an AMX call uses the 16-row tile ([`amx::tile16`]) instead of 32-row blocks.
 pub(crate) const AMX_DECODE_ROWS: usize = 16;
@@ -188,7 +188,6 @@ fn run_block(
 fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, sink: Sink<'_>) {
     let n = args.n;
     let cols = PAIR.min(n - n0);
-    let bias = &args.bias[n0.min(args.bias.len())..(n0 + cols).min(args.bias.len())];
     match sink {
         Sink::Split16 { out, tokens_per_block, tokens, hi_bias, lo_bias, w_scale, row_scale, bias } => {
             let t = tokens_per_block;
@@ -215,7 +214,7 @@ fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, si
             }
         }
         Sink::F32 { out, deq_scale, row_scale } => {
-            let deq = &deq_scale[n0..n0 + cols];
+            let (bias, deq) = (&args.bias[n0..n0 + cols], &deq_scale[n0..n0 + cols]);
             let row_scale = row_scale.map(|s| &s[r0..r0 + mr]);
             #[cfg(target_arch = "x86_64")]
             if super::simd::available() {
@@ -239,6 +238,7 @@ fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, si
             }
         }
         Sink::I32 { out } => {
+            let bias = &args.bias[n0..n0 + cols];
             for (r, acc_row) in acc.iter().enumerate().take(mr) {
                 // SAFETY: as above (row r0 + r, channels n0..n0 + cols, exclusive).
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((r0 + r) * n + n0), cols) };

@@ -221,6 +221,15 @@ impl QuantKernel {
     }
 }
 
+/// This machine's kernels for (calls above [`SMALL_DECODE_ROWS`] rows, calls up to it): the
+/// fastest available, with VNNI taking the small decode calls where AMX is the prefill kernel.
+fn default_kernels() -> (QuantKernel, QuantKernel) {
+    let prefill = QuantKernel::available().first().copied().unwrap_or(QuantKernel::Portable);
+    let decode =
+        if prefill == QuantKernel::Amx && QuantKernel::Vnni.is_available() { QuantKernel::Vnni } else { prefill };
+    (prefill, decode)
+}
+
 /// An int8 linear layer, `y = (quantize(x) @ wq^T + bias_q) * deq_scale`, packed once at load.
 pub struct QuantLinear {
     weights: PackedWeights,
@@ -256,9 +265,7 @@ impl QuantLinear {
     /// `deq_scale` `[N]`, for the fastest kernel of this machine: AMX (VNNI for calls of up to
     /// [`SMALL_DECODE_ROWS`] rows), else VNNI, else portable.
     pub fn new(wq: &[i8], bias_q: &[i32], deq_scale: &[f32]) -> Result<Self> {
-        let prefill = QuantKernel::available().first().copied().unwrap_or(QuantKernel::Portable);
-        let decode =
-            if prefill == QuantKernel::Amx && QuantKernel::Vnni.is_available() { QuantKernel::Vnni } else { prefill };
+        let (prefill, decode) = default_kernels();
         Self::build(wq, bias_q, deq_scale, prefill, decode)
     }
 

@@ -64,6 +64,18 @@ impl PackedWeights {
         let len = self.panel_bytes();
         &self.data.as_slice()[q * len..(q + 1) * len]
     }
+
+    /// The first `k` values of weight row `r` (channel `r`), read back from its panel.
+    pub(crate) fn row(&self, r: usize, k: usize) -> impl Iterator<Item = i8> + '_ {
+        let panel = self.panel(r / PANEL);
+        (0..k).map(move |kk| panel[offset_in_panel(r % PANEL, kk)] as i8)
+    }
+}
+
+/// Where `wq[16 q + j][kk]` sits inside panel `q`: `panel[kk / 4][j][kk % 4]`.
+#[inline(always)]
+fn offset_in_panel(j: usize, kk: usize) -> usize {
+    (kk / 4) * 64 + j * 4 + kk % 4
 }
 
 /// Packs `wq` (`[n, k]` row-major int8) into the panel layout described in the module doc.
@@ -79,7 +91,7 @@ pub(crate) fn pack_weights(wq: &[i8], n: usize, k: usize) -> PackedWeights {
                 break;
             }
             for (kk, &v) in wq[row * k..(row + 1) * k].iter().enumerate() {
-                panel[(kk / 4) * 64 + j * 4 + kk % 4] = v as u8;
+                panel[offset_in_panel(j, kk)] = v as u8;
             }
         }
     }
