@@ -218,11 +218,22 @@ fn rtn_round_trip_is_within_half_a_step() -> Result<()> {
             assert!(err <= s[r] * 0.5 * (1.0 + 1e-5) + 1e-12, "W[{r},{c}] = {v}: dequantized {deq}, step {}", s[r]);
         }
     }
-    // The float-weight constructor equals quantize-then-new.
+    // The float-weight constructor equals quantize-then-new, bit for bit (in this machine's default
+    // activation form: int16 where AMX is granted, whose rounding bound is checked in
+    // `int16_activations_are_exact_up_to_their_rounding`).
     let x = rng.tensor(&[4, k], -1.0, 1.0, DType::F32)?;
-    let a = WeightQuantLinear::from_float(&wt, None)?.forward(&x)?;
+    let a = WeightQuantLinear::from_float(&wt, None)?.forward(&x)?.to_vec2::<f32>()?;
+    let b = WeightQuantLinear::new(&q, (n, k), &s, None, None)?.forward(&x)?.to_vec2::<f32>()?;
+    assert_eq!(a, b, "from_float differs from rtn_quantize_weight + new");
+    // The quantized weights in the f32-activation form against the f32 reference.
+    let float_form = WeightQuantLinear::with_activations(&q, (n, k), &s, None, None, Activations::Float)?;
     let b = weight_quant_linear_reference(&x, &q, (n, k), &s, None, None)?;
-    assert_close("WEIGHT_QUANT_LINEAR(from_float)", &a, &b, Tolerance::for_dtype(DType::F32).times(4.0))?;
+    assert_close(
+        "WEIGHT_QUANT_LINEAR(rtn, f32 activations)",
+        &float_form.forward(&x)?,
+        &b,
+        Tolerance::for_dtype(DType::F32).times(4.0),
+    )?;
     Ok(())
 }
 
