@@ -10,6 +10,13 @@
 //! effective bandwidth (bytes of K + V read per second).
 //!
 //! `cargo run --release -p candle-ascend-ops --example attention_bench -- int8`
+//!
+//! With `int8-prefill`: prefill of a 512-token prompt over int8 KV caches (B = 1, SmolLM2's
+//! 9/3 heads and Qwen2.5-0.5B's 14/2, D = 64, f32 queries) on every available
+//! [`PromptInt8Kernel`] except the portable one, interleaved, on the default rayon pool; prints
+//! each median and its ratio to the SIMD (f32 micro-kernel) time.
+//!
+//! `cargo run --release -p candle-ascend-ops --example attention_bench -- int8-prefill`
 
 use std::time::Duration;
 
@@ -65,9 +72,46 @@ fn int8_decode() -> Result<()> {
     Ok(())
 }
 
+fn int8_prefill() -> Result<()> {
+    use candle_ascend_ops::{Int8KvCache, PromptInt8Kernel, kv_write_int8, prompt_attention_int8_with};
+    let mut rng = Rng::seeded(42);
+    let (d, s) = (64, 512);
+    let mut kernels = PromptInt8Kernel::available(d);
+    kernels.retain(|&k| k != PromptInt8Kernel::Portable);
+    println!("rayon threads: {}, kernels: {:?}", rayon::current_num_threads(), kernels);
+    for (heads, kv_heads) in [(9, 3), (14, 2)] {
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut caches = Vec::new();
+        for (lo, hi) in [(-2.0, 2.0), (-1.0, 1.0)] {
+            let x = rng.tensor(&[1, s, kv_heads, d], lo, hi, DType::F32)?;
+            let params = candle_ascend_ops::testing::random_kv_params(&mut rng, kv_heads * d)?;
+            let mut cache = Int8KvCache::new(1, s, kv_heads, d, params)?;
+            kv_write_int8(&mut cache, &x, &[0])?;
+            caches.push(cache);
+        }
+        let q = rng.tensor(&[1, s, heads, d], -2.0, 2.0, DType::F32)?;
+        let mut best = vec![Duration::MAX; kernels.len()];
+        for _ in 0..3 {
+            for (t, &kernel) in best.iter_mut().zip(&kernels) {
+                let run = || prompt_attention_int8_with(kernel, &q, &caches[0], &caches[1], &[0], &[s], scale);
+                *t = (*t).min(median(run, 15)?);
+            }
+        }
+        let simd = kernels.iter().position(|&k| k == PromptInt8Kernel::Simd).map(|i| best[i]);
+        for (kernel, t) in kernels.iter().zip(&best) {
+            let ratio =
+                simd.map_or(String::new(), |b| format!(", simd / this x{:.2}", b.as_secs_f64() / t.as_secs_f64()));
+            println!("int8 prefill S={s} {heads}/{kv_heads} D={d} {}: {:.3} ms{ratio}", kernel.name(), ms(*t));
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
-    if std::env::args().nth(1).as_deref() == Some("int8") {
-        return int8_decode();
+    match std::env::args().nth(1).as_deref() {
+        Some("int8") => return int8_decode(),
+        Some("int8-prefill") => return int8_prefill(),
+        _ => {}
     }
     let mut rng = Rng::seeded(42);
     let (heads, kv_heads, d) = (9, 3, 64);

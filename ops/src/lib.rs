@@ -13,7 +13,7 @@
 //! | `kv_write` | [`kv_cache`] |
 //! | `Int8KvCache`, `KvQuantParams`, `kv_write_int8` (int8 KV cache, C8) | [`kv_cache`] |
 //! | `prompt_attention`, `decode_attention` | [`attention`] |
-//! | `prompt_attention_int8`, `decode_attention_int8` (over int8 KV caches) | [`attention`] |
+//! | `prompt_attention_int8`, `decode_attention_int8` (over int8 KV caches), `PromptInt8Kernel` | [`attention`] |
 //! | `PackedLinear` (y = x W^T + b) | [`linear`] |
 //! | `quantize`, `QuantLinear` (int8 A8W8) | [`quant`] |
 //! | `WeightQuantLinear` (W8A16: y = x ((W_q + o) s)^T + b) | [`weight_quant`] |
@@ -36,8 +36,9 @@ pub mod testing;
 pub mod weight_quant;
 
 pub use attention::{
-    decode_attention, decode_attention_int8, decode_attention_int8_reference, decode_attention_reference,
-    prompt_attention, prompt_attention_int8, prompt_attention_int8_reference, prompt_attention_reference,
+    PromptInt8Kernel, decode_attention, decode_attention_int8, decode_attention_int8_reference,
+    decode_attention_reference, prompt_attention, prompt_attention_int8, prompt_attention_int8_reference,
+    prompt_attention_int8_with, prompt_attention_reference,
 };
 pub use kv_cache::{Int8KvCache, KvQuantParams, kv_write, kv_write_int8, kv_write_int8_reference, kv_write_reference};
 pub use linear::{PackedLinear, linear_reference};

@@ -24,6 +24,7 @@ use candle_core::{Device, Layout, Result, Tensor};
 use rayon::prelude::*;
 
 use super::AttentionDims;
+use super::amx::AmxBf16;
 use super::kernels::{Isa, Kernels, KvElement, Portable};
 use crate::host::{Element, num_threads, rows_layout, tensor_from_vec, with_slice};
 use crate::kv_cache::Int8KvCache;
@@ -44,9 +45,9 @@ const DECODE_SERIAL_WORK: usize = 1 << 19;
 /// A rank-4 view whose last dimension is contiguous: element `(a, b, c, t)` is at
 /// `offset + a*stride[0] + b*stride[1] + c*stride[2] + t` of the storage slice.
 #[derive(Debug, Clone, Copy)]
-struct View4 {
+pub(super) struct View4 {
     offset: usize,
-    stride: [usize; 3],
+    pub stride: [usize; 3],
 }
 
 impl View4 {
@@ -56,7 +57,7 @@ impl View4 {
     }
 
     /// Storage offset of row `(a, b, c)`.
-    fn row(&self, a: usize, b: usize, c: usize) -> usize {
+    pub(super) fn row(&self, a: usize, b: usize, c: usize) -> usize {
         self.offset + a * self.stride[0] + b * self.stride[1] + c * self.stride[2]
     }
 }
@@ -77,23 +78,23 @@ pub(super) struct KvDequant<'a> {
 }
 
 /// Storage slices and views of one call: q and the output in `T`, the caches in `KV`.
-struct Inputs<'a, T, KV> {
-    q: &'a [T],
-    q_view: View4,
-    k: &'a [KV],
-    k_view: View4,
-    v: &'a [KV],
-    v_view: View4,
-    dims: AttentionDims,
-    scale: f32,
+pub(super) struct Inputs<'a, T, KV> {
+    pub q: &'a [T],
+    pub q_view: View4,
+    pub k: &'a [KV],
+    pub k_view: View4,
+    pub v: &'a [KV],
+    pub v_view: View4,
+    pub dims: AttentionDims,
+    pub scale: f32,
     /// `Some` for int8 caches.
-    dequant: Option<KvDequant<'a>>,
+    pub dequant: Option<KvDequant<'a>>,
 }
 
 impl<T: Element + KvElement, KV: KvElement> Inputs<'_, T, KV> {
     /// Query rows of heads `head0 .. head0 + n` (all of one kv group) at (b, i), times `scale`
     /// (and the key scales of int8 caches), into `dst` (`n * D`).
-    fn load_scaled_q<K: Kernels>(&self, kern: K, b: usize, i: usize, head0: usize, dst: &mut [f32]) {
+    pub(super) fn load_scaled_q<K: Kernels>(&self, kern: K, b: usize, i: usize, head0: usize, dst: &mut [f32]) {
         let d = self.dims.head_dim;
         let src = &self.q[self.q_view.row(b, i, head0)..];
         T::load_f32(kern, src, self.q_view.stride[2], dst.len() / d, d, dst);
@@ -113,7 +114,7 @@ impl<T: Element + KvElement, KV: KvElement> Inputs<'_, T, KV> {
 
     /// `dst[t] = acc[t] * inv` for a row of kv head `g` (`(acc[t] * inv + o) * s` with the
     /// value parameters of int8 caches), stored as `T`.
-    fn store_row(&self, g: usize, acc: &[f32], inv: f32, dst: &mut [T]) {
+    pub(super) fn store_row(&self, g: usize, acc: &[f32], inv: f32, dst: &mut [T]) {
         match self.dequant {
             None => dst.iter_mut().zip(acc).for_each(|(o, &a)| *o = T::from_f32(a * inv)),
             Some(dq) => {
@@ -178,10 +179,12 @@ pub(super) fn prompt_attention(
     })
 }
 
-/// [`prompt_attention`] over int8 caches (`dims.batch` may be below the caches' batch).
+/// [`prompt_attention`] over int8 caches (`dims.batch` may be below the caches' batch), on AMX
+/// tiles when `amx` is given, else on `isa`'s micro-kernels.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn prompt_attention_int8(
     isa: Isa,
+    amx: Option<AmxBf16>,
     q: &Tensor,
     k: &Int8KvCache,
     v: &Int8KvCache,
@@ -197,7 +200,11 @@ pub(super) fn prompt_attention_int8(
     }
     crate::dispatch_float!(dims.dtype, OP, T => {
         with_int8_inputs::<T, _>(OP, q, (k, v), dims, scale, |inputs| {
-            tensor_from_vec(prompt_isa(isa, inputs, q_start, q_lens), &shape)
+            let out = match amx {
+                Some(amx) => super::amx::prompt_run(amx, inputs, q_start, q_lens),
+                None => prompt_isa(isa, inputs, q_start, q_lens),
+            };
+            tensor_from_vec(out, &shape)
         })
     })
 }
@@ -311,11 +318,11 @@ fn pack_kv<T: Element + KvElement, KV: KvElement, K: Kernels>(
 /// A prefill task: query positions `i0 .. i1` (all below `q_lens[b]`) of sequence `b`, all
 /// query heads of kv head `g`.
 #[derive(Debug, Clone, Copy)]
-struct PromptTask {
-    b: usize,
-    g: usize,
-    i0: usize,
-    i1: usize,
+pub(super) struct PromptTask {
+    pub b: usize,
+    pub g: usize,
+    pub i0: usize,
+    pub i1: usize,
 }
 
 fn prompt_run<T: Element + KvElement, KV: KvElement, K: Kernels>(
@@ -324,15 +331,36 @@ fn prompt_run<T: Element + KvElement, KV: KvElement, K: Kernels>(
     q_start: &[usize],
     q_lens: &[usize],
 ) -> Vec<T> {
-    let AttentionDims { batch, q_rows, heads, kv_heads, head_dim: d, .. } = inp.dims;
+    prompt_tasks(
+        &inp.dims,
+        q_start,
+        q_lens,
+        |b, g, n| pack_kv(kern, inp, b, g, n),
+        |packed, task, rows| prompt_task(kern, inp, packed, q_start[task.b], task, rows),
+    )
+}
+
+/// The parallel structure of a prefill, shared by every kernel family: `pack(b, g, n)`
+/// prepares the first `n` keys and values of each (sequence, kv head) once, in parallel; then
+/// `run(packed, task, rows)` computes each [`PromptTask`] into the output rows it owns (one
+/// `group * D` run per query position, in position order). Padding rows are never handed out
+/// and stay zero. Returns the output `[B', S, Nq, D]`.
+pub(super) fn prompt_tasks<T: Element, P: Send + Sync>(
+    dims: &AttentionDims,
+    q_start: &[usize],
+    q_lens: &[usize],
+    pack: impl Fn(usize, usize, usize) -> P + Sync,
+    run: impl Fn(&P, &PromptTask, Vec<&mut [T]>) + Sync,
+) -> Vec<T> {
+    let AttentionDims { batch, q_rows, heads, kv_heads, head_dim: d, .. } = *dims;
     let group = heads / kv_heads;
 
     let pairs: Vec<(usize, usize)> = (0..batch).flat_map(|b| (0..kv_heads).map(move |g| (b, g))).collect();
-    let packed: Vec<PackedKv> = pairs
+    let packed: Vec<P> = pairs
         .par_iter()
         .map(|&(b, g)| {
             let n = if q_lens[b] == 0 { 0 } else { q_start[b] + q_lens[b] };
-            pack_kv(kern, inp, b, g, n)
+            pack(b, g, n)
         })
         .collect();
 
@@ -356,7 +384,7 @@ fn prompt_run<T: Element + KvElement, KV: KvElement, K: Kernels>(
     }
 
     // Hand each task the output rows it owns: for (b, i) the heads of group g are one
-    // contiguous run of `group * d` values. Padding rows are never handed out and stay zero.
+    // contiguous run of `group * d` values.
     let mut out = vec![T::from_f32(0.0); batch * q_rows * heads * d];
     let mut task_rows: Vec<Vec<&mut [T]>> = tasks.iter().map(|t| Vec::with_capacity(t.i1 - t.i0)).collect();
     for (index, run) in out.chunks_exact_mut(group * d).enumerate() {
@@ -366,7 +394,7 @@ fn prompt_run<T: Element + KvElement, KV: KvElement, K: Kernels>(
         }
     }
     tasks.par_iter().zip(task_rows.into_par_iter()).for_each(|(task, rows)| {
-        prompt_task(kern, inp, &packed[task.b * kv_heads + task.g], q_start[task.b], task, rows);
+        run(&packed[task.b * kv_heads + task.g], task, rows);
     });
     out
 }

@@ -11,6 +11,7 @@
 
 use candle_core::{DType, Result, Tensor, bail};
 
+use super::amx::AmxBf16;
 use super::kernels::Isa;
 use super::{AttentionDims, attention_dims, check_decode_lengths, check_prompt_lengths, cpu};
 use crate::kv_cache::Int8KvCache;
@@ -36,10 +37,75 @@ pub fn prompt_attention_int8(
     q_lens: &[usize],
     scale: f32,
 ) -> Result<Tensor> {
+    let kernel = PromptInt8Kernel::available(k.dims().3)[0];
+    prompt_attention_int8_with(kernel, q, k, v, q_start, q_lens, scale)
+}
+
+/// A kernel family of [`prompt_attention_int8`]; the op picks the first of
+/// [`PromptInt8Kernel::available`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptInt8Kernel {
+    /// AMX-BF16 tiles (`tdpbf16ps`) with split high/low bf16 queries and probabilities (needs
+    /// AMX-BF16, AVX-512F, the OS's XTILEDATA permission and a head dim that is a multiple of 64).
+    AmxBf16,
+    /// The f32 micro-kernels of the float caches on this CPU's SIMD (AVX-512F, head dim a
+    /// multiple of 16).
+    Simd,
+    /// Plain loops, any CPU.
+    Portable,
+}
+
+impl PromptInt8Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            PromptInt8Kernel::AmxBf16 => "amx-bf16",
+            PromptInt8Kernel::Simd => "simd",
+            PromptInt8Kernel::Portable => "portable",
+        }
+    }
+
+    /// Whether this kernel can run here for heads of `head_dim`.
+    pub fn is_available(self, head_dim: usize) -> bool {
+        match self {
+            PromptInt8Kernel::AmxBf16 => AmxBf16::detect(head_dim).is_some(),
+            PromptInt8Kernel::Simd => !matches!(Isa::detect(head_dim), Isa::Portable),
+            PromptInt8Kernel::Portable => true,
+        }
+    }
+
+    /// Every kernel available here for heads of `head_dim`, fastest first (never empty).
+    pub fn available(head_dim: usize) -> Vec<PromptInt8Kernel> {
+        [PromptInt8Kernel::AmxBf16, PromptInt8Kernel::Simd, PromptInt8Kernel::Portable]
+            .into_iter()
+            .filter(|k| k.is_available(head_dim))
+            .collect()
+    }
+}
+
+/// [`prompt_attention_int8`] on a chosen kernel family (benchmarks and tests); an error if
+/// `kernel` is not available here.
+pub fn prompt_attention_int8_with(
+    kernel: PromptInt8Kernel,
+    q: &Tensor,
+    k: &Int8KvCache,
+    v: &Int8KvCache,
+    q_start: &[usize],
+    q_lens: &[usize],
+    scale: f32,
+) -> Result<Tensor> {
     const OP: &str = "prompt_attention_int8";
     let dims = validate(OP, q, k, v, scale)?;
     check_prompt_lengths(OP, &dims, q_start, q_lens)?;
-    cpu::prompt_attention_int8(Isa::detect(dims.head_dim), q, k, v, q_start, q_lens, scale, &dims)
+    let d = dims.head_dim;
+    if !kernel.is_available(d) {
+        bail!("{OP}: kernel {} is not available on this machine for head_dim {d}", kernel.name());
+    }
+    let (isa, amx) = match kernel {
+        PromptInt8Kernel::AmxBf16 => (Isa::detect(d), AmxBf16::detect(d)),
+        PromptInt8Kernel::Simd => (Isa::detect(d), None),
+        PromptInt8Kernel::Portable => (Isa::Portable, None),
+    };
+    cpu::prompt_attention_int8(isa, amx, q, k, v, q_start, q_lens, scale, &dims)
 }
 
 /// [`super::decode_attention`] with the keys and values in int8 caches.

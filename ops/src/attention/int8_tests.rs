@@ -4,15 +4,16 @@
 
 use candle_core::{DType, IndexOp, Result, Tensor, bail};
 
+use super::PromptInt8Kernel;
+use super::check_decode_lengths;
 use super::cpu::{self, DecodePlan};
-use super::int8::{validate, validate_decode};
+use super::int8::validate_decode;
 use super::kernels::Isa;
-use super::{check_decode_lengths, check_prompt_lengths};
 use crate::kv_cache::{Int8KvCache, KvQuantParams, kv_write_int8};
 use crate::testing::{FLOAT_DTYPES, Rng, Tolerance, assert_close, case_id, random_kv_params};
 use crate::{
     decode_attention, decode_attention_int8, decode_attention_int8_reference, prompt_attention, prompt_attention_int8,
-    prompt_attention_int8_reference,
+    prompt_attention_int8_reference, prompt_attention_int8_with,
 };
 
 /// (Nq, Nkv): GQA ratios 1, 3 and 7.
@@ -23,6 +24,15 @@ fn isas(head_dim: usize) -> Vec<(&'static str, Isa)> {
     let simd = Isa::detect(head_dim);
     if !matches!(simd, Isa::Portable) {
         all.push(("simd", simd));
+    }
+    all
+}
+
+/// The prefill kernels available here, with a visible skip line for the AMX one when it is not.
+fn prompt_kernels(head_dim: usize) -> Vec<PromptInt8Kernel> {
+    let all = PromptInt8Kernel::available(head_dim);
+    if !all.contains(&PromptInt8Kernel::AmxBf16) {
+        eprintln!("SKIP amx-bf16 prefill kernel at head_dim {head_dim}: AMX-BF16 not available on this machine");
     }
     all
 }
@@ -79,17 +89,16 @@ fn prompt_int8_every_isa_matches_reference() -> Result<()> {
                     };
                     let scale = 1.0 / (d as f32).sqrt();
                     let reference = prompt_attention_int8_reference(&q, &k, &v, q_start, q_lens, scale)?;
-                    let dims = validate("test", &q, &k, &v, scale)?;
-                    check_prompt_lengths("test", &dims, q_start, q_lens)?;
-                    for (name, isa) in isas(d) {
+                    for kernel in prompt_kernels(d) {
                         let extra = format!(
-                            "kv_heads={kv_heads},B={batch},T={capacity},q_start={},q_lens={},strided={strided},{name}",
+                            "kv_heads={kv_heads},B={batch},T={capacity},q_start={},q_lens={},strided={strided},{}",
                             list(q_start),
-                            list(q_lens)
+                            list(q_lens),
+                            kernel.name()
                         );
                         let id = case_id("PROMPT_ATTENTION_INT8", dtype, &[b, s, heads, d], &extra);
                         eprintln!("{id}");
-                        let got = cpu::prompt_attention_int8(isa, &q, &k, &v, q_start, q_lens, scale, &dims)?;
+                        let got = prompt_attention_int8_with(kernel, &q, &k, &v, q_start, q_lens, scale)?;
                         if got.dtype() != dtype {
                             bail!("{id}: output dtype {:?}", got.dtype());
                         }

@@ -18,8 +18,30 @@
 //! selection and the portable kernels; `avx512.rs` the AVX-512 kernels (selected at run
 //! time); `tests.rs` kernel-level tests of every ISA. `int8.rs` holds the variants over int8
 //! KV caches ([`prompt_attention_int8`], [`decode_attention_int8`]), which run the same
-//! drivers and micro-kernels on the raw int8 values (tested in `int8_tests.rs`).
+//! drivers and micro-kernels on the raw int8 values (tested in `int8_tests.rs`), except that
+//! prefill over int8 caches runs on AMX-BF16 tiles where the OS grants them (`amx.rs`).
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    //! AMX exists only on x86-64; elsewhere the prefill over int8 caches never selects it.
+    use super::cpu::Inputs;
+
+    /// Never constructed off x86-64.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum AmxBf16 {}
+
+    impl AmxBf16 {
+        pub(crate) fn detect(_: usize) -> Option<Self> {
+            None
+        }
+    }
+
+    pub(super) fn prompt_run<T>(amx: AmxBf16, _: &Inputs<'_, T, i8>, _: &[usize], _: &[usize]) -> Vec<T> {
+        match amx {}
+    }
+}
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod cpu;
@@ -32,7 +54,8 @@ mod reference;
 mod tests;
 
 pub use int8::{
-    decode_attention_int8, decode_attention_int8_reference, prompt_attention_int8, prompt_attention_int8_reference,
+    PromptInt8Kernel, decode_attention_int8, decode_attention_int8_reference, prompt_attention_int8,
+    prompt_attention_int8_reference, prompt_attention_int8_with,
 };
 pub use reference::{decode_attention_reference, prompt_attention_reference};
 

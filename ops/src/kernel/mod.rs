@@ -1,7 +1,8 @@
 //! Building blocks shared by the CPU kernels: addressing the rows of a strided view,
 //! splitting an output into chunks of rows that run in parallel (serially when the op is
 //! too small for rayon to pay), uninitialized output buffers, and AVX-512 vector access to
-//! f32 / f16 / bf16 storage ([`simd`]), and the allocator setting that keeps step buffers in the heap
+//! f32 / f16 / bf16 storage ([`simd`]), AMX availability and tile configuration ([`amx`]), 64-byte aligned buffers
+//! ([`aligned`]), and the allocator setting that keeps step buffers in the heap
 //! ([`allocator`]).
 
 use std::mem::MaybeUninit;
@@ -11,7 +12,9 @@ use rayon::prelude::*;
 
 use crate::host::rows_layout;
 
+pub mod aligned;
 pub mod allocator;
+pub mod amx;
 pub mod simd;
 pub mod stream;
 

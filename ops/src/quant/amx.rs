@@ -6,89 +6,15 @@
 //! Every tile uses the same shape (16 rows x 64 bytes), so one tile configuration serves the
 //! whole task. Activations need no shift (signed x signed).
 //!
-//! Linux keeps AMX tile data disabled until the process asks for it with
-//! `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`; [`available`] does that once.
+//! Availability, OS permission and the tile configuration come from `crate::kernel::amx`.
 
 use super::cpu::AccTile;
 use super::pack::{K_BLOCK, ROW_TILE, StagedActivations};
+pub(super) use crate::kernel::amx::TileSession;
 
 /// Whether the CPU has AMX-TILE and AMX-INT8 and the OS granted tile data to this process.
 pub(super) fn available() -> bool {
-    static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *GRANTED.get_or_init(request_permission)
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn request_permission() -> bool {
-    use std::arch::x86_64::__cpuid_count;
-    // CPUID leaf 7 sub-leaf 0, EDX bit 24 = AMX-TILE, bit 25 = AMX-INT8.
-    let edx = __cpuid_count(7, 0).edx;
-    if edx & (1 << 24) == 0 || edx & (1 << 25) == 0 {
-        return false;
-    }
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM) only takes two integers and changes the
-    // process's permitted xsave features; it touches no memory of ours.
-    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
-    rc == 0
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn request_permission() -> bool {
-    false
-}
-
-/// The tile configuration of this kernel: palette 1, tiles 0..8 all 16 rows x 64 bytes.
-#[repr(C, align(64))]
-struct TileConfig([u8; 64]);
-
-impl TileConfig {
-    fn uniform() -> Self {
-        let mut cfg = [0u8; 64];
-        cfg[0] = 1; // palette
-        for t in 0..8 {
-            cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes()); // bytes per row
-            cfg[48 + t] = 16; // rows
-        }
-        Self(cfg)
-    }
-}
-
-/// Holds this thread's tile configuration for the life of a task; releases it on drop.
-pub(super) struct TileSession(());
-
-impl TileSession {
-    /// Loads the kernel's tile configuration on the current thread.
-    ///
-    /// # Safety
-    /// [`available`] must have returned true (CPU support and OS permission).
-    #[cfg(target_arch = "x86_64")]
-    pub(super) unsafe fn start() -> Self {
-        let cfg = TileConfig::uniform();
-        // SAFETY: the caller guarantees AMX is usable; `cfg` is a valid 64-byte palette-1
-        // configuration that lives across the instruction.
-        unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
-        Self(())
-    }
-
-    /// # Safety
-    /// Never called on other architectures ([`available`] is false there).
-    #[cfg(not(target_arch = "x86_64"))]
-    pub(super) unsafe fn start() -> Self {
-        unreachable!("amx kernel on a non-x86 target")
-    }
-}
-
-impl Drop for TileSession {
-    fn drop(&mut self) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a TileSession exists only after a successful ldtilecfg on this thread
-        // (rayon tasks run to completion on one thread); tilerelease just resets tile state.
-        unsafe {
-            std::arch::asm!("tilerelease", options(nostack, nomem))
-        };
-    }
+    crate::kernel::amx::int8_available()
 }
 
 /// Depth of one K chunk: activations of a 32-row block (32 x chunk bytes, at most 20 KiB) stay

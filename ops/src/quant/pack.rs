@@ -22,27 +22,7 @@ pub(crate) const K_BLOCK: usize = 64;
 pub(crate) const ROW_TILE: usize = 32;
 
 /// A byte buffer whose logical start is 64-byte aligned (AMX tile loads and zmm loads).
-pub(crate) struct AlignedBytes {
-    storage: Vec<u8>,
-    offset: usize,
-    len: usize,
-}
-
-impl AlignedBytes {
-    pub(crate) fn zeroed(len: usize) -> Self {
-        let storage = vec![0u8; len + 64];
-        let offset = (64 - storage.as_ptr() as usize % 64) % 64;
-        Self { storage, offset, len }
-    }
-
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        &self.storage[self.offset..self.offset + self.len]
-    }
-
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.storage[self.offset..self.offset + self.len]
-    }
-}
+pub(crate) type AlignedBytes = crate::kernel::aligned::AlignedVec<u8>;
 
 /// Packed int8 weights in panel layout plus the padded sizes.
 pub(crate) struct PackedWeights {
