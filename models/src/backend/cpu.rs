@@ -46,6 +46,14 @@ pub enum CpuKvCache {
     Int8 { k: ops::Int8KvCache, v: ops::Int8KvCache },
 }
 
+/// `y + bias` broadcast over the rows, or `y` without a bias.
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 impl Backend for CpuBackend {
     type Tensor = Tensor;
     type Linear = CpuLinear;
@@ -163,13 +171,7 @@ impl Backend for CpuBackend {
             CpuLinear::Float(l) => l.forward(x),
             CpuLinear::Int8Weight(l) => l.forward(x),
             CpuLinear::Int8 { linear, act_scale, act_offset } => linear.forward(x, *act_scale, *act_offset),
-            CpuLinear::Int8PerToken { linear, bias } => {
-                let y = linear.forward_per_token(x)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            }
+            CpuLinear::Int8PerToken { linear, bias } => add_bias(linear.forward_per_token(x)?, bias.as_ref()),
         }
     }
 
@@ -236,6 +238,15 @@ impl Backend for CpuBackend {
 
     fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
         ops::swiglu(x)
+    }
+
+    /// Per-token int8 down projections gate, rotate and quantize each row in one pass
+    /// (`QuantLinear::forward_per_token_swiglu`, bit-identical to the composition).
+    fn swiglu_linear(&self, x: &Tensor, w: &CpuLinear) -> Result<Tensor> {
+        match w {
+            CpuLinear::Int8PerToken { linear, bias } => add_bias(linear.forward_per_token_swiglu(x)?, bias.as_ref()),
+            _ => self.linear(&ops::swiglu(x)?, w),
+        }
     }
 
     fn select_rows(&self, x: &Tensor, rows: &Vec<u32>) -> Result<Tensor> {

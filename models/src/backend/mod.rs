@@ -167,6 +167,11 @@ pub trait Backend: Send + Sync + Sized {
     ) -> Result<Self::Tensor>;
     /// silu(first half) * second half over the last dimension.
     fn swiglu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `linear(swiglu(x), w)` (the MLP's down projection); a backend may fuse the two so the
+    /// gated activations are never materialized. Same result as the composition.
+    fn swiglu_linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor> {
+        self.linear(&self.swiglu(x)?, w)
+    }
     /// Picks rows of `x` `[B, S, H]` by their flat index `b * S + s` -> `[rows, 1, H]` (the last
     /// real position of each sequence before the final norm).
     fn select_rows(&self, x: &Self::Tensor, rows: &Self::Indices) -> Result<Self::Tensor>;

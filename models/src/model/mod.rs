@@ -389,7 +389,7 @@ impl<B: Backend> Transformer<B> {
             let (normed, sum) = be.add_rms_norm(&attn_out, &residual, &layer.post_attention_norm, eps)?;
             residual = sum;
             let gate_up = be.linear(&normed, &layer.gate_up)?;
-            let mlp_out = be.linear(&be.swiglu(&gate_up)?, &layer.down)?;
+            let mlp_out = be.swiglu_linear(&gate_up, &layer.down)?;
             if li + 1 < num_layers {
                 let (normed, sum) = be.add_rms_norm(&mlp_out, &residual, &self.layers[li + 1].input_norm, eps)?;
                 hidden = normed;

@@ -150,28 +150,71 @@ fn rotate_and_quantize_rows<T: Element>(
     flip: u8,
     staged: &mut StagedActivations,
 ) -> Result<Vec<f32>> {
-    let stride = staged.stride;
-    let mut scales = vec![1f32; m];
     with_slice::<T, _>(x, "quant_linear_per_token", |data, layout| {
         let src = &data[layout.start_offset()..layout.start_offset() + m * k];
-        let one = |buf: &mut Vec<f32>, ((row, out), scale): ((&[T], &mut [u8]), &mut f32)| {
-            buf.resize(row.len(), 0.0);
-            widen_row(row, buf);
-            hadamard_row(buf, block);
-            *scale = symmetric_scale(absmax(buf));
-            pack::quantize_row(buf, 1.0 / *scale, 0.0, flip, out);
+        let row = |r: usize, buf: &mut [f32], _: &mut Vec<()>| widen_row(&src[r * k..(r + 1) * k], buf);
+        Ok(quantize_rows_per_token(m, k, block, flip, staged, row))
+    })
+}
+
+/// The fused SwiGLU input of a down projection: row `r` is `swiglu(x[r, :])` (`x` a
+/// contiguous `[m, 2k]` view, gate then up), rounded to `T` as [`crate::swiglu`] stores it,
+/// then rotated (`block > 1`) and quantized per token like [`rotate_and_quantize_rows`]. The
+/// `[m, k]` SwiGLU output is never materialized.
+fn swiglu_and_quantize_rows<T: Element + crate::kernel::simd::Lanes>(
+    x: &Tensor,
+    m: usize,
+    k: usize,
+    block: usize,
+    flip: u8,
+    staged: &mut StagedActivations,
+) -> Result<Vec<f32>> {
+    let isa = crate::kernel::simd::Avx512::detect();
+    with_slice::<T, _>(x, "quant_linear_per_token_swiglu", |data, layout| {
+        let src = &data[layout.start_offset()..layout.start_offset() + m * 2 * k];
+        let row = |r: usize, buf: &mut [f32], row_t: &mut Vec<T>| {
+            let (gate, up) = src[r * 2 * k..(r + 1) * 2 * k].split_at(k);
+            row_t.resize(k, T::from_f32(0.0));
+            crate::swiglu::swiglu_row_into(gate, up, row_t, isa);
+            widen_row(row_t, buf);
         };
-        let dst = staged.data.as_mut_slice();
-        if m * k >= 64 * 1024 {
-            let rows = src.par_chunks(k).zip(dst.par_chunks_mut(stride)).zip(scales.par_iter_mut());
-            rows.for_each_init(|| Vec::with_capacity(k), one);
-        } else {
-            let mut buf = Vec::with_capacity(k);
-            src.chunks(k).zip(dst.chunks_mut(stride)).zip(scales.iter_mut()).for_each(|r| one(&mut buf, r));
+        Ok(quantize_rows_per_token(m, k, block, flip, staged, row))
+    })
+}
+
+/// Per-token symmetric quantization of `m` rows of `k` values that `fill(r, buf, scratch)`
+/// writes as f32 (`scratch` is a per-thread buffer for the filler's own use): each row is
+/// rotated by the block Hadamard matrix of `block` (when `block > 1`) and quantized with its
+/// own scale `max|row| / 127` (returned; 1 for an all-zero or non-finite row) into its staged
+/// row. Rows run in parallel for large inputs.
+fn quantize_rows_per_token<S: Send>(
+    m: usize,
+    k: usize,
+    block: usize,
+    flip: u8,
+    staged: &mut StagedActivations,
+    fill: impl Fn(usize, &mut [f32], &mut Vec<S>) + Sync,
+) -> Vec<f32> {
+    let stride = staged.stride;
+    let mut scales = vec![1f32; m];
+    let one = |(buf, scratch): &mut (Vec<f32>, Vec<S>), ((r, out), scale): ((usize, &mut [u8]), &mut f32)| {
+        buf.resize(k, 0.0);
+        fill(r, buf, scratch);
+        if block > 1 {
+            hadamard_row(buf, block);
         }
-        Ok(())
-    })?;
-    Ok(scales)
+        *scale = symmetric_scale(absmax(buf));
+        pack::quantize_row(buf, 1.0 / *scale, 0.0, flip, out);
+    };
+    let dst = &mut staged.data.as_mut_slice()[..m * stride];
+    if m * k >= 64 * 1024 {
+        let rows = dst.par_chunks_mut(stride).enumerate().zip(scales.par_iter_mut());
+        rows.for_each_init(|| (Vec::with_capacity(k), Vec::new()), one);
+    } else {
+        let mut bufs = (Vec::with_capacity(k), Vec::new());
+        dst.chunks_mut(stride).enumerate().zip(scales.iter_mut()).for_each(|r| one(&mut bufs, r));
+    }
+    scales
 }
 
 /// `q = saturate(round(x * scale + offset))` of `x` `[..., K]` (f32, f16 or bf16, any outer
@@ -403,6 +446,30 @@ impl QuantLinear {
         let n = self.out_features;
         let mut shape = x.dims()[..x.rank() - 1].to_vec();
         shape.push(n);
+        let y = Tensor::from_vec(y, shape, &Device::Cpu)?;
+        if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
+    }
+
+    /// [`forward_per_token`](Self::forward_per_token) of `swiglu(x)` (`x` `[..., 2K]`, gate then
+    /// up halves, as [`crate::swiglu`] takes it), without materializing the `[..., K]` SwiGLU
+    /// output: each row is gated, rotated and quantized in one pass while it is in L1. Equal to
+    /// `forward_per_token(&swiglu(x)?)` bit for bit.
+    pub fn forward_per_token_swiglu(&self, x: &Tensor) -> Result<Tensor> {
+        const OP: &str = "quant_linear_per_token_swiglu";
+        let (m, width) = rows_and_cols(x, OP)?;
+        if width != 2 * self.in_features {
+            bail!("{OP}: input has {width} features, expected gate and up halves of {} each", self.in_features);
+        }
+        let k = self.in_features;
+        let kernel = self.kernel_for_rows(m);
+        let mut staged = self.staging(m, kernel);
+        let flip = if kernel == QuantKernel::Vnni { 0x80 } else { 0 };
+        let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+        let block = self.input_hadamard;
+        let scales = crate::dispatch_float!(x.dtype(), OP, T => swiglu_and_quantize_rows::<T>(&x, m, k, block, flip, &mut staged))?;
+        let y = self.gemm_f32(&staged, kernel, Some(&scales));
+        let mut shape = x.dims()[..x.rank() - 1].to_vec();
+        shape.push(self.out_features);
         let y = Tensor::from_vec(y, shape, &Device::Cpu)?;
         if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
     }

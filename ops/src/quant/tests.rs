@@ -295,6 +295,52 @@ fn per_token_forward_matches_its_definition() -> Result<()> {
     Ok(())
 }
 
+/// The fused SwiGLU input equals the unfused composition bit for bit: every kernel, dtype,
+/// rotation, a strided input, and both the serial and the parallel row split (m * k below and
+/// above 64 Ki). Rows of very different magnitudes.
+#[test]
+fn per_token_swiglu_is_swiglu_then_per_token() -> Result<()> {
+    let mut rng = Rng::fresh("quant per token swiglu");
+    for kernel in QuantKernel::available() {
+        for dtype in FLOAT_DTYPES {
+            for ((m, k, n), rotate) in [(3, 200, 40), (50, 1536, 64)].into_iter().flat_map(|s| [(s, false), (s, true)])
+            {
+                let block = if rotate { crate::quant::hadamard_block(k, 512) } else { 0 };
+                let case = case_id(
+                    "quant_linear_per_token_swiglu",
+                    dtype,
+                    &[m, 2 * k, n],
+                    &format!("{},hadamard{block}", kernel.name()),
+                );
+                // Gate and up halves in a wider row (strided rows), gains per row.
+                let wide = rng.tensor(&[m, 2 * k + 8], -3.0, 3.0, DType::F32)?;
+                let gains: Vec<f32> = (0..m).map(|_| 10f32.powf(rng.uniform(-1.0, 1.0))).collect();
+                let wide = wide.broadcast_mul(&Tensor::from_slice(&gains, (m, 1), &Device::Cpu)?)?.to_dtype(dtype)?;
+                let x = wide.narrow(1, 4, 2 * k)?;
+                let wq = random_i8(&mut rng, n * k);
+                let s_w: Vec<f32> = (0..n).map(|_| rng.uniform(1e-3, 1e-2)).collect();
+                let mut layer = QuantLinear::with_kernel(&wq, &vec![0; n], &s_w, kernel)?;
+                if rotate {
+                    layer = layer.with_input_hadamard(block)?;
+                }
+                let fused = layer.forward_per_token_swiglu(&x)?;
+                let composed = layer.forward_per_token(&crate::swiglu(&x)?)?;
+                assert_eq!(fused.dims(), composed.dims(), "{case}");
+                let (a, b) =
+                    (fused.to_dtype(DType::F32)?.flatten_all()?, composed.to_dtype(DType::F32)?.flatten_all()?);
+                let (a, b) = (a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
+                if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+                    bail!("{case}: element {i}: fused {} vs composed {}", a[i], b[i]);
+                }
+            }
+        }
+    }
+    let layer = QuantLinear::new(&[1i8; 8], &[0, 0], &[1.0, 1.0])?;
+    let err = layer.forward_per_token_swiglu(&Tensor::ones((3, 4), DType::F32, &Device::Cpu)?).unwrap_err().to_string();
+    assert!(err.contains("quant_linear_per_token_swiglu") && err.contains("4 features"), "{err}");
+    Ok(())
+}
+
 #[test]
 fn per_token_forward_rejects_a_wrong_width() -> Result<()> {
     let layer = QuantLinear::new(&[1i8; 8], &[0, 0], &[1.0, 1.0])?;

@@ -42,6 +42,20 @@ pub(super) fn swiglu<T: Lanes>(x: &Tensor, out_dims: &[usize], isa: Option<Avx51
     tensor_from_vec(out, out_dims)
 }
 
+/// `y[i] = silu(gate[i]) * up[i]` for one row, rounded to `T` exactly as [`swiglu`] stores it
+/// (for fused consumers that never materialize the whole output).
+pub(crate) fn swiglu_row_into<T: Lanes>(gate: &[T], up: &[T], y: &mut [T], isa: Option<Avx512>) {
+    assert!(gate.len() == y.len() && up.len() == y.len());
+    // SAFETY: `MaybeUninit<T>` has the layout of `T`, and the kernels only write `y`.
+    let y = unsafe { &mut *(y as *mut [T] as *mut [MaybeUninit<T>]) };
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the token exists only when the CPU supports AVX-512 F/BW/VL.
+        Some(_) => unsafe { avx512::swiglu_row(gate, up, y) },
+        _ => portable::swiglu_row(gate, up, y),
+    }
+}
+
 mod portable {
     use super::*;
 

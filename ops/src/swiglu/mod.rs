@@ -9,6 +9,7 @@ use candle_core::{DType, Result, Tensor, bail};
 use crate::dispatch_float;
 use crate::kernel::simd::Avx512;
 
+pub(crate) use cpu::swiglu_row_into;
 pub use reference::swiglu_reference;
 
 const SWIGLU: &str = "swiglu";
