@@ -25,6 +25,7 @@
 //! [`cpu::prompt_tasks`](super::cpu::prompt_tasks).
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use super::avx512::Avx512;
 use super::cpu::{Inputs, PromptTask, prompt_tasks};
@@ -158,7 +159,7 @@ fn prompt_task<T: Element + KvElement + Lanes>(
     packed: &PackedKv,
     start: usize,
     task: &PromptTask,
-    mut out_rows: Vec<&mut [T]>,
+    mut out_rows: Vec<&mut [MaybeUninit<T>]>,
 ) {
     let d = inp.dims.head_dim;
     let group = inp.dims.heads / inp.dims.kv_heads;
@@ -223,7 +224,15 @@ fn prompt_task<T: Element + KvElement + Lanes>(
 /// `dst[t] = (acc[t * 16 + n] * inv + offset[t]) * scale[t]`: column `n` of a query tile's
 /// `O^T`, normalized and dequantized with the value parameters, stored as `T`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn store_column<T: Lanes>(_: Avx512, acc: &[f32], n: usize, inv: f32, scale: &[f32], offset: &[f32], dst: &mut [T]) {
+fn store_column<T: Lanes>(
+    _: Avx512,
+    acc: &[f32],
+    n: usize,
+    inv: f32,
+    scale: &[f32],
+    offset: &[f32],
+    dst: &mut [MaybeUninit<T>],
+) {
     let d = dst.len();
     assert!(acc.len() == d * COLS && scale.len() == d && offset.len() == d && n < COLS && d.is_multiple_of(16));
     let rows = _mm512_mullo_epi32(
@@ -236,7 +245,8 @@ fn store_column<T: Lanes>(_: Avx512, acc: &[f32], n: usize, inv: f32, scale: &[f
         unsafe {
             let x = _mm512_i32gather_ps::<4>(rows, acc.as_ptr().add(t0 * COLS + n).cast());
             let x = _mm512_fmadd_ps(x, _mm512_set1_ps(inv), _mm512_loadu_ps(offset.as_ptr().add(t0)));
-            T::store_raw(dst.as_mut_ptr().add(t0), 16, _mm512_mul_ps(x, _mm512_loadu_ps(scale.as_ptr().add(t0))));
+            let y = _mm512_mul_ps(x, _mm512_loadu_ps(scale.as_ptr().add(t0)));
+            T::store_raw(dst.as_mut_ptr().add(t0).cast::<T>(), 16, y);
         }
     }
 }

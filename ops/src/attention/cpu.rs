@@ -20,6 +20,8 @@
 //! int8 values widened to f32, and [`KvDequant`] folds the per-channel parameters into the
 //! query (key scales) and into the final store (value offset and scale).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{Device, Layout, Result, Tensor};
 use rayon::prelude::*;
 
@@ -27,6 +29,7 @@ use super::AttentionDims;
 use super::amx::AmxBf16;
 use super::kernels::{Isa, Kernels, KvElement, Portable};
 use crate::host::{Element, num_threads, rows_layout, tensor_from_vec, with_slice};
+use crate::kernel::{assume_init_vec, uninit_vec};
 use crate::kv_cache::Int8KvCache;
 
 /// Keys per block: a transposed K block and a V block of 64 x 64 f32 fit in L1 together.
@@ -114,14 +117,16 @@ impl<T: Element + KvElement, KV: KvElement> Inputs<'_, T, KV> {
 
     /// `dst[t] = acc[t] * inv` for a row of kv head `g` (`(acc[t] * inv + o) * s` with the
     /// value parameters of int8 caches), stored as `T`.
-    pub(super) fn store_row(&self, g: usize, acc: &[f32], inv: f32, dst: &mut [T]) {
+    pub(super) fn store_row(&self, g: usize, acc: &[f32], inv: f32, dst: &mut [MaybeUninit<T>]) {
         match self.dequant {
-            None => dst.iter_mut().zip(acc).for_each(|(o, &a)| *o = T::from_f32(a * inv)),
+            None => dst.iter_mut().zip(acc).for_each(|(o, &a)| {
+                o.write(T::from_f32(a * inv));
+            }),
             Some(dq) => {
                 let d = self.dims.head_dim;
                 let (s, off) = (&dq.v_scale[g * d..(g + 1) * d], &dq.v_offset[g * d..(g + 1) * d]);
                 for (((o, &a), &s), &off) in dst.iter_mut().zip(acc).zip(s).zip(off) {
-                    *o = T::from_f32((a * inv + off) * s);
+                    o.write(T::from_f32((a * inv + off) * s));
                 }
             }
         }
@@ -350,7 +355,7 @@ pub(super) fn prompt_tasks<T: Element, P: Send + Sync>(
     q_start: &[usize],
     q_lens: &[usize],
     pack: impl Fn(usize, usize, usize) -> P + Sync,
-    run: impl Fn(&P, &PromptTask, Vec<&mut [T]>) + Sync,
+    run: impl Fn(&P, &PromptTask, Vec<&mut [MaybeUninit<T>]>) + Sync,
 ) -> Vec<T> {
     let AttentionDims { batch, q_rows, heads, kv_heads, head_dim: d, .. } = *dims;
     let group = heads / kv_heads;
@@ -385,18 +390,27 @@ pub(super) fn prompt_tasks<T: Element, P: Send + Sync>(
 
     // Hand each task the output rows it owns: for (b, i) the heads of group g are one
     // contiguous run of `group * d` values.
-    let mut out = vec![T::from_f32(0.0); batch * q_rows * heads * d];
-    let mut task_rows: Vec<Vec<&mut [T]>> = tasks.iter().map(|t| Vec::with_capacity(t.i1 - t.i0)).collect();
+    // The output is not zero-filled first: every task writes all of its rows, and only the
+    // padding rows are zeroed here.
+    let mut out = uninit_vec::<T>(batch * q_rows * heads * d);
+    let mut task_rows: Vec<Vec<&mut [MaybeUninit<T>]>> =
+        tasks.iter().map(|t| Vec::with_capacity(t.i1 - t.i0)).collect();
     for (index, run) in out.chunks_exact_mut(group * d).enumerate() {
         let (g, i, b) = (index % kv_heads, (index / kv_heads) % q_rows, index / (kv_heads * q_rows));
         if i < q_lens[b] {
             task_rows[first_task[b * kv_heads + g] + i / block].push(run);
+        } else {
+            run.fill(MaybeUninit::new(T::from_f32(0.0)));
         }
     }
     tasks.par_iter().zip(task_rows.into_par_iter()).for_each(|(task, rows)| {
         run(&packed[task.b * kv_heads + task.g], task, rows);
     });
-    out
+    // SAFETY: padding rows were zeroed above; every other row (b, i < q_lens[b], heads of
+    // group g) was handed to exactly one task, and every task stores all `group * d` values of
+    // each of its rows (`prompt_task` and the AMX `prompt_task` both store every head of every
+    // position they own).
+    unsafe { assume_init_vec(out) }
 }
 
 fn prompt_task<T: Element + KvElement, KV: KvElement, K: Kernels>(
@@ -405,7 +419,7 @@ fn prompt_task<T: Element + KvElement, KV: KvElement, K: Kernels>(
     packed: &PackedKv,
     start: usize,
     task: &PromptTask,
-    mut out_rows: Vec<&mut [T]>,
+    mut out_rows: Vec<&mut [MaybeUninit<T>]>,
 ) {
     let d = inp.dims.head_dim;
     let group = inp.dims.heads / inp.dims.kv_heads;
@@ -563,7 +577,7 @@ fn decode_run<T: Element + KvElement, KV: KvElement, K: Kernels>(
         }
     }
 
-    let mut out = vec![T::from_f32(0.0); batch * heads * d];
+    let mut out = uninit_vec::<T>(batch * heads * d);
     let mut merged = vec![0f32; d];
     for (bg, dst) in out.chunks_exact_mut(group * d).enumerate() {
         let parts = &partials[first_task[bg] * slot..first_task[bg + 1] * slot];
@@ -581,7 +595,9 @@ fn decode_run<T: Element + KvElement, KV: KvElement, K: Kernels>(
             inp.store_row(bg % kv_heads, &merged, 1.0 / sum, &mut dst[h * d..(h + 1) * d]);
         }
     }
-    out
+    // SAFETY: every (sequence, kv head) run of `group * d` values had each of its `group` head
+    // rows stored above.
+    unsafe { assume_init_vec(out) }
 }
 
 fn decode_task<T: Element + KvElement, KV: KvElement, K: Kernels>(
