@@ -166,10 +166,7 @@ fn prompt_task<T: Element + KvElement + Lanes>(
     // Row r is query position i0 + r / group, head g * group + r % group.
     let n_rows = (task.i1 - task.i0) * group;
     let tiles = n_rows.div_ceil(COLS);
-    let mut q = vec![0f32; tiles * COLS * d];
-    for (qi, rows) in q[..n_rows * d].chunks_exact_mut(group * d).enumerate() {
-        inp.load_scaled_q(amx.simd, task.b, task.i0 + qi, task.g * group, rows);
-    }
+    let mut q = inp.task_queries(amx.simd, task, tiles * COLS);
     // Scores in base 2: the softmax takes 2^(s - max) instead of e^(s - max).
     q.iter_mut().for_each(|x| *x *= std::f32::consts::LOG2_E);
     // SAFETY: the token proves AVX-512F/BW.

@@ -97,7 +97,7 @@ pub(super) struct Inputs<'a, T, KV> {
 impl<T: Element + KvElement, KV: KvElement> Inputs<'_, T, KV> {
     /// Query rows of heads `head0 .. head0 + n` (all of one kv group) at (b, i), times `scale`
     /// (and the key scales of int8 caches), into `dst` (`n * D`).
-    pub(super) fn load_scaled_q<K: Kernels>(&self, kern: K, b: usize, i: usize, head0: usize, dst: &mut [f32]) {
+    fn load_scaled_q<K: Kernels>(&self, kern: K, b: usize, i: usize, head0: usize, dst: &mut [f32]) {
         let d = self.dims.head_dim;
         let src = &self.q[self.q_view.row(b, i, head0)..];
         T::load_f32(kern, src, self.q_view.stride[2], dst.len() / d, d, dst);
@@ -113,6 +113,20 @@ impl<T: Element + KvElement, KV: KvElement> Inputs<'_, T, KV> {
                 }
             }
         }
+    }
+
+    /// The scaled query rows of a prefill task, `padded_rows` rows of `D` (at least the task's
+    /// `(i1 - i0) * group` rows; the rest zero). Row `r` is query position `i0 + r / group`,
+    /// head `g * group + r % group`.
+    pub(super) fn task_queries<K: Kernels>(&self, kern: K, task: &PromptTask, padded_rows: usize) -> Vec<f32> {
+        let d = self.dims.head_dim;
+        let group = self.dims.group();
+        let n_rows = (task.i1 - task.i0) * group;
+        let mut q = vec![0f32; padded_rows.max(n_rows) * d];
+        for (qi, rows) in q[..n_rows * d].chunks_exact_mut(group * d).enumerate() {
+            self.load_scaled_q(kern, task.b, task.i0 + qi, task.g * group, rows);
+        }
+        q
     }
 
     /// `dst[t] = acc[t] * inv` for a row of kv head `g` (`(acc[t] * inv + o) * s` with the
@@ -425,10 +439,7 @@ fn prompt_task<T: Element + KvElement, KV: KvElement, K: Kernels>(
     let group = inp.dims.heads / inp.dims.kv_heads;
     // Row r is query position i0 + r / group, head g * group + r % group.
     let n_rows = (task.i1 - task.i0) * group;
-    let mut q = vec![0f32; n_rows * d];
-    for (qi, rows) in q.chunks_exact_mut(group * d).enumerate() {
-        inp.load_scaled_q(kern, task.b, task.i0 + qi, task.g * group, rows);
-    }
+    let q = inp.task_queries(kern, task, n_rows);
     let visible = |r: usize| start + task.i0 + r / group + 1;
     let n_keys = start + task.i1;
 
