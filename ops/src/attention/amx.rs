@@ -2,7 +2,7 @@
 //!
 //! Int8 keys and values are exact in bf16 (8 significant bits), so only the operands computed
 //! in f32 (the scaled queries and the softmax probabilities) need care: each is split into a
-//! bf16 high part and a bf16 low part (`x = hi + lo` to about 2^-17 relative), and both parts
+//! bf16 high part and a bf16 low part (`x = hi + lo` to 2^-16 relative), and both parts
 //! are multiplied against the same key or value tile. Products of bf16 are exact in f32 and
 //! the tiles accumulate in f32, so the result matches the f32 kernels to f32-level rounding
 //! while the matrix products run at AMX rates.
@@ -19,9 +19,9 @@
 //! - Values enter as `O^T = V^T P^T`, with `V^T` packed once per (sequence, kv head) in blocks of
 //!   [`KEYS`] keys (`[D, KEYS]` bf16, one A tile per 16 head-dim rows).
 //!
-//! A block's `O^T` tiles are stored and folded into an f32 accumulator (`acc * corr + o`), and
-//! the value offset and scale are applied once per output row, as in the f32 drivers
-//! (`cpu::KvDequant`). Tasks, packing and the output rows they own come from
+//! A span's `O^T` tiles (from the high and the low parts) are stored and folded into an f32
+//! accumulator (`acc * corr + o_hi + o_lo`), and the value offset and scale are applied once per
+//! output row, as in the f32 drivers (`cpu::KvDequant`). Tasks, packing and the output rows they own come from
 //! [`cpu::prompt_tasks`](super::cpu::prompt_tasks).
 
 use std::arch::x86_64::*;
@@ -43,7 +43,7 @@ const COLS: usize = 16;
 const TILE_WORDS: usize = 256;
 
 /// Proof that AVX-512 F/BW/VL and AMX-BF16 tiles are usable here, for a head dim that is a multiple
-/// of 64 (a tile row holds 32 bf16; the value products run four 16-row head-dim tiles at once).
+/// of 64 (the kernels need a multiple of 32, a tile row of bf16; 64 and 128 are the tested sizes).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AmxBf16 {
     simd: Avx512,

@@ -46,7 +46,8 @@ pub fn prompt_attention_int8(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PromptInt8Kernel {
     /// AMX-BF16 tiles (`tdpbf16ps`) with split high/low bf16 queries and probabilities (needs
-    /// AMX-BF16, AVX-512F, the OS's XTILEDATA permission and a head dim that is a multiple of 64).
+    /// AMX-BF16, AVX-512 F/BW/VL, the OS's XTILEDATA permission and a head dim that is a multiple of
+    /// 64).
     AmxBf16,
     /// The f32 micro-kernels of the float caches on this CPU's SIMD (AVX-512F, head dim a
     /// multiple of 16).
