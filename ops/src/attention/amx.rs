@@ -127,10 +127,7 @@ fn query_tiles(_: Avx512, q: &[f32], d: usize) -> AlignedVec<u32> {
     // SAFETY: 32 u16.
     let odd_words = unsafe { _mm512_loadu_si512(odd_words.as_ptr().cast()) };
     // Word k of a packed row goes to word row k of the tile, column n.
-    let word_rows = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-        _mm512_set1_epi32(COLS as i32),
-    );
+    let word_rows = tile_rows();
     for (r, row) in q.chunks_exact(d).enumerate() {
         let (qt, n) = (r / COLS, r % COLS);
         for c in 0..chunks {
@@ -162,7 +159,7 @@ fn prompt_task<T: Element + KvElement + Lanes>(
     mut out_rows: Vec<&mut [MaybeUninit<T>]>,
 ) {
     let d = inp.dims.head_dim;
-    let group = inp.dims.heads / inp.dims.kv_heads;
+    let group = inp.dims.group();
     // Row r is query position i0 + r / group, head g * group + r % group.
     let n_rows = (task.i1 - task.i0) * group;
     let tiles = n_rows.div_ceil(COLS);
@@ -218,6 +215,16 @@ fn prompt_task<T: Element + KvElement + Lanes>(
     }
 }
 
+/// Lane `i` holds `16 i`: the offsets (in elements) of rows `0..16` of a 16-column tile, for
+/// gathers down a column and scatters into one.
+#[target_feature(enable = "avx512f")]
+fn tile_rows() -> __m512i {
+    _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(COLS as i32),
+    )
+}
+
 /// `dst[t] = (acc[t * 16 + n] * inv + offset[t]) * scale[t]`: column `n` of a query tile's
 /// `O^T`, normalized and dequantized with the value parameters, stored as `T`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -232,10 +239,7 @@ fn store_column<T: Lanes>(
 ) {
     let d = dst.len();
     assert!(acc.len() == d * COLS && scale.len() == d && offset.len() == d && n < COLS && d.is_multiple_of(16));
-    let rows = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-        _mm512_set1_epi32(COLS as i32),
-    );
+    let rows = tile_rows();
     for t0 in (0..d).step_by(16) {
         // SAFETY: the gathered entries are (t0 + i) * 16 + n < d * 16 = acc.len(); the loads
         // and the store cover entries t0 .. t0 + 16 <= d of their slices.

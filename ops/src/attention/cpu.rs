@@ -50,7 +50,7 @@ const DECODE_SERIAL_WORK: usize = 1 << 19;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct View4 {
     offset: usize,
-    pub stride: [usize; 3],
+    stride: [usize; 3],
 }
 
 impl View4 {
@@ -82,14 +82,14 @@ pub(super) struct KvDequant<'a> {
 
 /// Storage slices and views of one call: q and the output in `T`, the caches in `KV`.
 pub(super) struct Inputs<'a, T, KV> {
-    pub q: &'a [T],
-    pub q_view: View4,
+    q: &'a [T],
+    q_view: View4,
     pub k: &'a [KV],
     pub k_view: View4,
     pub v: &'a [KV],
     pub v_view: View4,
     pub dims: AttentionDims,
-    pub scale: f32,
+    scale: f32,
     /// `Some` for int8 caches.
     pub dequant: Option<KvDequant<'a>>,
 }

@@ -67,10 +67,19 @@ impl PromptInt8Kernel {
 
     /// Whether this kernel can run here for heads of `head_dim`.
     pub fn is_available(self, head_dim: usize) -> bool {
+        self.resolve(head_dim).is_some()
+    }
+
+    /// What the drivers run for this kernel (micro-kernel ISA, AMX token), or `None` when it
+    /// cannot run here for heads of `head_dim`.
+    fn resolve(self, head_dim: usize) -> Option<(Isa, Option<AmxBf16>)> {
         match self {
-            PromptInt8Kernel::AmxBf16 => AmxBf16::detect(head_dim).is_some(),
-            PromptInt8Kernel::Simd => !matches!(Isa::detect(head_dim), Isa::Portable),
-            PromptInt8Kernel::Portable => true,
+            PromptInt8Kernel::AmxBf16 => AmxBf16::detect(head_dim).map(|amx| (Isa::detect(head_dim), Some(amx))),
+            PromptInt8Kernel::Simd => {
+                let isa = Isa::detect(head_dim);
+                (!matches!(isa, Isa::Portable)).then_some((isa, None))
+            }
+            PromptInt8Kernel::Portable => Some((Isa::Portable, None)),
         }
     }
 
@@ -98,13 +107,8 @@ pub fn prompt_attention_int8_with(
     let dims = validate(OP, q, k, v, scale)?;
     check_prompt_lengths(OP, &dims, q_start, q_lens)?;
     let d = dims.head_dim;
-    if !kernel.is_available(d) {
+    let Some((isa, amx)) = kernel.resolve(d) else {
         bail!("{OP}: kernel {} is not available on this machine for head_dim {d}", kernel.name());
-    }
-    let (isa, amx) = match kernel {
-        PromptInt8Kernel::AmxBf16 => (Isa::detect(d), AmxBf16::detect(d)),
-        PromptInt8Kernel::Simd => (Isa::detect(d), None),
-        PromptInt8Kernel::Portable => (Isa::Portable, None),
     };
     cpu::prompt_attention_int8(isa, amx, q, k, v, q_start, q_lens, scale, &dims)
 }
