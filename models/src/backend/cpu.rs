@@ -37,6 +37,39 @@ pub enum CpuLinear {
     Int8PerToken { linear: ops::QuantLinear, bias: Option<Tensor> },
 }
 
+impl CpuLinear {
+    /// Whether this is a gated gate/up projection from `prepare_gate_up` (its forward returns
+    /// `silu(gate) * up`, so only `mlp` may run it).
+    pub fn is_gated(&self) -> bool {
+        match self {
+            CpuLinear::Int8 { linear, .. } | CpuLinear::Int8PerToken { linear, .. } => linear.is_swiglu(),
+            _ => false,
+        }
+    }
+}
+
+/// `(w(rms_norm(x + residual)), x + residual)` through the fused add + norm + quantize front
+/// end of an int8-activation linear (`QuantLinear::forward_add_rms_norm`, bit-identical to the
+/// composition); `None` for other linears.
+fn int8_norm_front(
+    x: &Tensor,
+    residual: &Tensor,
+    gamma: &Tensor,
+    eps: f64,
+    w: &CpuLinear,
+) -> Result<Option<(Tensor, Tensor)>> {
+    Ok(match w {
+        CpuLinear::Int8 { linear, act_scale, act_offset } => {
+            Some(linear.forward_add_rms_norm(x, residual, gamma, eps, Some((*act_scale, *act_offset)))?)
+        }
+        CpuLinear::Int8PerToken { linear, bias } => {
+            let (y, sum) = linear.forward_add_rms_norm(x, residual, gamma, eps, None)?;
+            Some((add_bias(y, bias.as_ref())?, sum))
+        }
+        _ => None,
+    })
+}
+
 /// One layer's fixed K and V caches, `[batch, capacity, kv_heads, head_dim]` each.
 #[derive(Debug)]
 pub enum CpuKvCache {
@@ -167,6 +200,9 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &CpuLinear) -> Result<Tensor> {
+        if w.is_gated() {
+            bail!("cpu: a gated gate/up projection (prepare_gate_up) only runs inside mlp");
+        }
         match w {
             CpuLinear::Float(l) => l.forward(x),
             CpuLinear::Int8Weight(l) => l.forward(x),
@@ -247,6 +283,83 @@ impl Backend for CpuBackend {
             CpuLinear::Int8PerToken { linear, bias } => add_bias(linear.forward_per_token_swiglu(x)?, bias.as_ref()),
             _ => self.linear(&ops::swiglu(x)?, w),
         }
+    }
+
+    /// Int8 gate/up projections without a float bias and with `I` a multiple of 16 are packed
+    /// as SwiGLU linears (`QuantLinear::new_swiglu`): the gate and up channels of each pair
+    /// meet in the GEMM's epilogue, and only the `[.., I]` gated activations are written.
+    fn prepare_gate_up(&self, weights: LinearWeights<'_>) -> Result<CpuLinear> {
+        let gated = |n: usize| n.is_multiple_of(32);
+        Ok(match weights {
+            LinearWeights::Int8 { linear } if gated(linear.bias_q.len()) => CpuLinear::Int8 {
+                linear: ops::QuantLinear::new_swiglu(&linear.w_q, &linear.bias_q, &linear.deq_scale)?,
+                act_scale: linear.act_scale,
+                act_offset: linear.act_offset,
+            },
+            LinearWeights::Int8PerToken { w_q, out_features, in_features, scale, bias: None, hadamard }
+                if gated(out_features) =>
+            {
+                if w_q.len() != out_features * in_features {
+                    bail!("int8 weight has {} values for [{out_features}, {in_features}]", w_q.len());
+                }
+                let mut linear = ops::QuantLinear::new_swiglu(w_q, &vec![0; out_features], scale)?;
+                if hadamard > 0 {
+                    linear = linear.with_input_hadamard(hadamard)?;
+                }
+                CpuLinear::Int8PerToken { linear, bias: None }
+            }
+            other => self.prepare_linear(other)?,
+        })
+    }
+
+    fn add_rms_norm_linear(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        gamma: &Tensor,
+        eps: f64,
+        w: &CpuLinear,
+    ) -> Result<(Tensor, Tensor)> {
+        if w.is_gated() {
+            bail!("cpu: a gated gate/up projection (prepare_gate_up) only runs inside mlp");
+        }
+        match int8_norm_front(x, residual, gamma, eps, w)? {
+            Some(fused) => Ok(fused),
+            None => {
+                let (normed, sum) = self.add_rms_norm(x, residual, gamma, eps)?;
+                Ok((self.linear(&normed, w)?, sum))
+            }
+        }
+    }
+
+    fn add_rms_norm_mlp(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        gamma: &Tensor,
+        eps: f64,
+        gate_up: &CpuLinear,
+        down: &CpuLinear,
+    ) -> Result<(Tensor, Tensor)> {
+        match int8_norm_front(x, residual, gamma, eps, gate_up)? {
+            Some((gated, sum)) if gate_up.is_gated() => Ok((self.linear(&gated, down)?, sum)),
+            Some((projected, sum)) => Ok((self.swiglu_linear(&projected, down)?, sum)),
+            None => {
+                let (normed, sum) = self.add_rms_norm(x, residual, gamma, eps)?;
+                Ok((self.mlp(&normed, gate_up, down)?, sum))
+            }
+        }
+    }
+
+    fn mlp(&self, x: &Tensor, gate_up: &CpuLinear, down: &CpuLinear) -> Result<Tensor> {
+        let gated = match gate_up {
+            CpuLinear::Int8 { linear, act_scale, act_offset } if linear.is_swiglu() => {
+                linear.forward(x, *act_scale, *act_offset)?
+            }
+            CpuLinear::Int8PerToken { linear, bias: None } if linear.is_swiglu() => linear.forward_per_token(x)?,
+            _ => return self.swiglu_linear(&self.linear(x, gate_up)?, down),
+        };
+        self.linear(&gated, down)
     }
 
     fn select_rows(&self, x: &Tensor, rows: &Vec<u32>) -> Result<Tensor> {

@@ -172,6 +172,47 @@ pub trait Backend: Send + Sync + Sized {
     fn swiglu_linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor> {
         self.linear(&self.swiglu(x)?, w)
     }
+    /// Prepares the MLP's fused gate/up projection (`[2I, K]`: the gate rows, then the up
+    /// rows), which only [`mlp`](Self::mlp) runs: a backend may pack it so that its GEMM
+    /// applies SwiGLU in the epilogue. Default: [`prepare_linear`](Self::prepare_linear).
+    fn prepare_gate_up(&self, weights: LinearWeights<'_>) -> Result<Self::Linear> {
+        self.prepare_linear(weights)
+    }
+    /// The MLP, `down(swiglu(gate_up(x)))`, with `gate_up` from
+    /// [`prepare_gate_up`](Self::prepare_gate_up). Default: [`linear`](Self::linear), then
+    /// [`swiglu_linear`](Self::swiglu_linear).
+    fn mlp(&self, x: &Self::Tensor, gate_up: &Self::Linear, down: &Self::Linear) -> Result<Self::Tensor> {
+        self.swiglu_linear(&self.linear(x, gate_up)?, down)
+    }
+    /// `(linear(rms_norm(x + residual)), x + residual)`: a block's residual add and pre-norm
+    /// feeding its QKV projection; a backend may fuse the norm into the linear's activation
+    /// quantization. Default: [`add_rms_norm`](Self::add_rms_norm), then [`linear`](Self::linear).
+    fn add_rms_norm_linear(
+        &self,
+        x: &Self::Tensor,
+        residual: &Self::Tensor,
+        gamma: &Self::Tensor,
+        eps: f64,
+        w: &Self::Linear,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (normed, sum) = self.add_rms_norm(x, residual, gamma, eps)?;
+        Ok((self.linear(&normed, w)?, sum))
+    }
+    /// `(mlp(rms_norm(x + residual)), x + residual)`, like
+    /// [`add_rms_norm_linear`](Self::add_rms_norm_linear) for the MLP. Default:
+    /// [`add_rms_norm`](Self::add_rms_norm), then [`mlp`](Self::mlp).
+    fn add_rms_norm_mlp(
+        &self,
+        x: &Self::Tensor,
+        residual: &Self::Tensor,
+        gamma: &Self::Tensor,
+        eps: f64,
+        gate_up: &Self::Linear,
+        down: &Self::Linear,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (normed, sum) = self.add_rms_norm(x, residual, gamma, eps)?;
+        Ok((self.mlp(&normed, gate_up, down)?, sum))
+    }
     /// Picks rows of `x` `[B, S, H]` by their flat index `b * S + s` -> `[rows, 1, H]` (the last
     /// real position of each sequence before the final norm).
     fn select_rows(&self, x: &Self::Tensor, rows: &Self::Indices) -> Result<Self::Tensor>;

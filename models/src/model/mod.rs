@@ -178,7 +178,7 @@ impl<B: Backend> Transformer<B> {
                 qkv: backend.prepare_linear(layer.qkv.as_weights())?,
                 o_proj: backend.prepare_linear(layer.o_proj.as_weights())?,
                 post_attention_norm: backend.upload(&layer.post_attention_norm)?,
-                gate_up: backend.prepare_linear(layer.gate_up.as_weights())?,
+                gate_up: backend.prepare_gate_up(layer.gate_up.as_weights())?,
                 down: backend.prepare_linear(layer.down.as_weights())?,
             });
         }
@@ -376,28 +376,38 @@ impl<B: Backend> Transformer<B> {
             Embedding::Int8Rows(rows) => be.gather_linear_rows(rows, &ids, batch, seq_len)?,
             Embedding::LmHead => be.gather_linear_rows(&self.lm_head, &ids, batch, seq_len)?,
         };
-        let mut hidden = be.rms_norm(&residual, &self.layers[0].input_norm, eps)?;
-        let num_layers = self.layers.len();
-        for (li, (layer, cache)) in self.layers.iter().zip(self.kv_caches.iter_mut()).enumerate() {
-            let qkv = be.linear(&hidden, &layer.qkv)?;
+        // The previous layer's MLP output, added to the residual stream by the next pre-norm
+        // (fused with the projection after it where the backend can).
+        let mut mlp_out: Option<B::Tensor> = None;
+        for (layer, cache) in self.layers.iter().zip(self.kv_caches.iter_mut()) {
+            let qkv = match mlp_out.take() {
+                None => be.linear(&be.rms_norm(&residual, &layer.input_norm, eps)?, &layer.qkv)?,
+                Some(prev) => {
+                    let (qkv, sum) = be.add_rms_norm_linear(&prev, &residual, &layer.input_norm, eps, &layer.qkv)?;
+                    residual = sum;
+                    qkv
+                }
+            };
             let (q, k, v) = be.split_qkv(&qkv, nq, nkv, d)?;
             let q = be.rope(&q, &cos, &sin)?;
             let k = be.rope(&k, &cos, &sin)?;
             be.kv_write(cache, &k, &v, &plan, &starts)?;
             let attn = be.attention(&q, cache, &plan, scale)?;
             let attn_out = be.linear(&attn, &layer.o_proj)?;
-            let (normed, sum) = be.add_rms_norm(&attn_out, &residual, &layer.post_attention_norm, eps)?;
+            let (out, sum) = be.add_rms_norm_mlp(
+                &attn_out,
+                &residual,
+                &layer.post_attention_norm,
+                eps,
+                &layer.gate_up,
+                &layer.down,
+            )?;
             residual = sum;
-            let gate_up = be.linear(&normed, &layer.gate_up)?;
-            let mlp_out = be.swiglu_linear(&gate_up, &layer.down)?;
-            if li + 1 < num_layers {
-                let (normed, sum) = be.add_rms_norm(&mlp_out, &residual, &self.layers[li + 1].input_norm, eps)?;
-                hidden = normed;
-                residual = sum;
-            } else {
-                hidden = mlp_out;
-            }
+            mlp_out = Some(out);
         }
+        let Some(hidden) = mlp_out else {
+            return Err(ModelError::InvalidInput("the model has no decoder layers".into()));
+        };
         if pick_rows {
             return Ok((be.select_rows(&hidden, &last_rows)?, be.select_rows(&residual, &last_rows)?));
         }

@@ -11,9 +11,9 @@
 use candle_core::{DType, Device, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use crate::host::{Element, with_slice};
+use crate::host::with_slice;
 use crate::kernel::{Rows, units_per_task};
-use crate::quant::quantize_value;
+use crate::quant::{quantize_row_per_channel, quantize_value};
 
 const KV_WRITE_INT8: &str = "kv_write_int8";
 
@@ -205,7 +205,7 @@ pub fn kv_write_int8(cache: &mut Int8KvCache, new: &Tensor, positions: &[usize])
                 let row = (b * len + first + k) * kv_heads;
                 for (n, dst_head) in dst_token.chunks_exact_mut(head_dim).enumerate() {
                     let c = n * head_dim..(n + 1) * head_dim;
-                    quantize_row::<T>(rows.row(src, row + n), &inv[c.clone()], &zero[c], dst_head);
+                    quantize_row_per_channel::<T>(rows.row(src, row + n), &inv[c.clone()], &zero[c], dst_head);
                 }
             }
         };
@@ -222,13 +222,6 @@ pub fn kv_write_int8(cache: &mut Int8KvCache, new: &Tensor, positions: &[usize])
         }
         Ok(())
     }))
-}
-
-/// `dst[t] = quantize_value(src[t], inv[t], zero[t])`: one head row (vectorizes).
-fn quantize_row<T: Element>(src: &[T], inv: &[f32], zero: &[f32], dst: &mut [i8]) {
-    for (((o, &x), &s), &z) in dst.iter_mut().zip(src).zip(inv).zip(zero) {
-        *o = quantize_value(x.to_f32(), s, z);
-    }
 }
 
 /// Reference for [`kv_write_int8`]: returns an updated copy of `cache`, written one element at

@@ -89,6 +89,31 @@ pub(super) fn add_rms_norm<T: Lanes>(
     Ok((tensor_from_vec(y, x.dims())?, tensor_from_vec(s, x.dims())?))
 }
 
+/// One row of [`add_rms_norm`] for fused consumers that never materialize the whole output:
+/// writes `s = x + r` and `y = rms_norm(s) * gamma`, both rounded to `T` exactly as
+/// `add_rms_norm` stores them. `scratch` holds at least one row of f32.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_rms_norm_row_into<T: Lanes>(
+    x: &[T],
+    r: &[T],
+    gamma: &[f32],
+    eps: f32,
+    y: &mut [MaybeUninit<T>],
+    s: &mut [MaybeUninit<T>],
+    scratch: &mut [f32],
+    isa: Option<Avx512>,
+) {
+    let h = gamma.len();
+    assert!(x.len() == h && r.len() == h && y.len() == h && s.len() == h && scratch.len() >= h);
+    let scratch = &mut scratch[..h];
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: an `Avx512` token exists only when the CPU supports AVX-512 F/BW/VL.
+        Some(_) => unsafe { avx512::add_rms_norm_row(x, r, gamma, eps, y, s, scratch) },
+        _ => portable::add_rms_norm_row(x, r, gamma, eps, y, s, scratch),
+    }
+}
+
 #[inline]
 fn inv_rms(sum_squares: f32, h: usize, eps: f32) -> f32 {
     1.0 / (sum_squares / h as f32 + eps).sqrt()
@@ -126,17 +151,28 @@ mod portable {
     ) {
         let h = t.gamma.len();
         for (k, (y, s)) in y_out.chunks_exact_mut(h).zip(s_out.chunks_exact_mut(h)).enumerate() {
-            let x = t.x_rows.row(t.x, t.first + k);
-            let r = r_rows.row(rs, t.first + k);
-            for (((s, sf), x), r) in s.iter_mut().zip(scratch.iter_mut()).zip(x).zip(r) {
-                let sum = T::from_f32(x.to_f32() + r.to_f32());
-                s.write(sum);
-                *sf = sum.to_f32();
-            }
-            let inv = inv_rms(sum_squares(scratch.iter().copied()), h, t.eps);
-            for ((y, sf), g) in y.iter_mut().zip(scratch.iter()).zip(t.gamma) {
-                y.write(T::from_f32(sf * inv * g));
-            }
+            let (x, r) = (t.x_rows.row(t.x, t.first + k), r_rows.row(rs, t.first + k));
+            add_rms_norm_row(x, r, t.gamma, t.eps, y, s, scratch);
+        }
+    }
+
+    pub(super) fn add_rms_norm_row<T: Element>(
+        x: &[T],
+        r: &[T],
+        gamma: &[f32],
+        eps: f32,
+        y: &mut [MaybeUninit<T>],
+        s: &mut [MaybeUninit<T>],
+        scratch: &mut [f32],
+    ) {
+        for (((s, sf), x), r) in s.iter_mut().zip(scratch.iter_mut()).zip(x).zip(r) {
+            let sum = T::from_f32(x.to_f32() + r.to_f32());
+            s.write(sum);
+            *sf = sum.to_f32();
+        }
+        let inv = inv_rms(sum_squares(scratch.iter().copied()), gamma.len(), eps);
+        for ((y, sf), g) in y.iter_mut().zip(scratch.iter()).zip(gamma) {
+            y.write(T::from_f32(sf * inv * g));
         }
     }
 }
@@ -206,25 +242,39 @@ mod avx512 {
     ) {
         let h = t.gamma.len();
         for (k, (y, s)) in y_out.chunks_exact_mut(h).zip(s_out.chunks_exact_mut(h)).enumerate() {
-            let (xc, xt) = t.x_rows.row(t.x, t.first + k).as_chunks::<LANES>();
-            let (rc, rt) = r_rows.row(rs, t.first + k).as_chunks::<LANES>();
-            let (sc, st) = s.as_chunks_mut::<LANES>();
-            let (fc, ft) = scratch.as_chunks_mut::<LANES>();
-            let mut acc = _mm512_setzero_ps();
-            for (((x, r), s), f) in xc.iter().zip(rc).zip(sc).zip(fc) {
-                let v = round::<T>(_mm512_add_ps(load16(x), load16(r)));
-                store16(s, v);
-                store16_f32(f, v);
-                acc = _mm512_fmadd_ps(v, v, acc);
-            }
-            if !st.is_empty() {
-                let v = round::<T>(_mm512_add_ps(load_partial(xt), load_partial(rt)));
-                store_partial(st, v);
-                store_partial_f32(ft, v);
-                acc = _mm512_fmadd_ps(v, v, acc);
-            }
-            scale_row(scratch, inv_rms(sum(acc), h, t.eps), t.gamma, y);
+            let (x, r) = (t.x_rows.row(t.x, t.first + k), r_rows.row(rs, t.first + k));
+            add_rms_norm_row(x, r, t.gamma, t.eps, y, s, scratch);
         }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) fn add_rms_norm_row<T: Lanes>(
+        x: &[T],
+        r: &[T],
+        gamma: &[f32],
+        eps: f32,
+        y: &mut [MaybeUninit<T>],
+        s: &mut [MaybeUninit<T>],
+        scratch: &mut [f32],
+    ) {
+        let (xc, xt) = x.as_chunks::<LANES>();
+        let (rc, rt) = r.as_chunks::<LANES>();
+        let (sc, st) = s.as_chunks_mut::<LANES>();
+        let (fc, ft) = scratch.as_chunks_mut::<LANES>();
+        let mut acc = _mm512_setzero_ps();
+        for (((x, r), s), f) in xc.iter().zip(rc).zip(sc).zip(fc) {
+            let v = round::<T>(_mm512_add_ps(load16(x), load16(r)));
+            store16(s, v);
+            store16_f32(f, v);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        if !st.is_empty() {
+            let v = round::<T>(_mm512_add_ps(load_partial(xt), load_partial(rt)));
+            store_partial(st, v);
+            store_partial_f32(ft, v);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        scale_row(scratch, inv_rms(sum(acc), gamma.len(), eps), gamma, y);
     }
 }
 

@@ -5,6 +5,8 @@
 mod cpu;
 mod reference;
 
+pub(crate) use cpu::add_rms_norm_row_into;
+
 use candle_core::{DType, Result, Tensor, bail};
 
 use crate::dispatch_float;

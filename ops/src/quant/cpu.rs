@@ -33,6 +33,15 @@ pub(crate) enum Sink<'a> {
         deq_scale: &'a [f32],
         row_scale: Option<&'a [f32]>,
     },
+    /// A gated linear (`QuantLinear::new_swiglu`): each pair is 16 gate channels then the 16
+    /// matching up channels; both are dequantized as for `F32`, then `silu(gate) * up` goes to
+    /// column `n0 / 2 + c` of an output `width` (= N / 2) columns wide.
+    SwiGlu {
+        out: OutPtr<f32>,
+        deq_scale: &'a [f32],
+        row_scale: Option<&'a [f32]>,
+        width: usize,
+    },
     I32 {
         out: OutPtr<i32>,
     },
@@ -60,6 +69,18 @@ pub(crate) struct OutPtr<T>(pub(crate) *mut T);
 unsafe impl<T> Send for OutPtr<T> {}
 // SAFETY: as above: no two tasks touch the same element.
 unsafe impl<T> Sync for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
+    /// The pointer `offset` elements on (a method, so that closures capture the whole
+    /// `Sync` wrapper rather than its raw pointer field).
+    ///
+    /// # Safety
+    /// As for `pointer::add`: the result must stay inside the caller's buffer.
+    pub(crate) unsafe fn add(self, offset: usize) -> *mut T {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
 
 /// Everything a kernel call needs besides the activations.
 pub(crate) struct GemmArgs<'a> {
@@ -234,6 +255,32 @@ fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, si
                 }
                 if let Some(s) = row_scale {
                     dst.iter_mut().for_each(|v| *v *= s[r]);
+                }
+            }
+        }
+        Sink::SwiGlu { out, deq_scale, row_scale, width } => {
+            assert!(cols == PAIR, "swiglu sink: gated linears have whole channel pairs");
+            let (bias, deq) = (&args.bias[n0..n0 + PAIR], &deq_scale[n0..n0 + PAIR]);
+            let row_scale = row_scale.map(|s| &s[r0..r0 + mr]);
+            let half = PAIR / 2;
+            // SAFETY: rows r0..r0 + mr < m and columns n0 / 2..n0 / 2 + 16 <= width lie inside
+            // the m x width output; this task is the only writer of this (rows, pair) block.
+            let dst = unsafe { out.0.add(r0 * width + n0 / 2) };
+            #[cfg(target_arch = "x86_64")]
+            if let Some(isa) = crate::kernel::simd::Avx512::detect() {
+                // SAFETY: as above; bias and deq hold 32 values, row_scale mr.
+                unsafe { super::simd::dequantize_swiglu_block(isa, acc, mr, bias, deq, row_scale, dst, width) };
+                return;
+            }
+            for (r, acc_row) in acc.iter().enumerate().take(mr) {
+                // SAFETY: as above (row r0 + r, 16 columns, exclusive).
+                let dst = unsafe { std::slice::from_raw_parts_mut(dst.add(r * width), half) };
+                let dequant = |c: usize| {
+                    let y = acc_row[c].wrapping_add(bias[c]) as f32 * deq[c];
+                    row_scale.map_or(y, |s| y * s[r])
+                };
+                for (c, y) in dst.iter_mut().enumerate() {
+                    *y = crate::swiglu::silu_mul(dequant(c), dequant(half + c));
                 }
             }
         }

@@ -84,36 +84,72 @@ mod avx512 {
 
     /// # Safety
     /// AVX-512F must be available; `block` a power of two >= 16.
+    ///
+    /// The in-register stages run in one pass over the block; the stages across vectors run
+    /// two at a time (radix 4: four vectors loaded, two butterfly levels, four stored), and
+    /// the normalization rides on the last pass's stores.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn hadamard_row(row: &mut [f32], block: usize) {
         let norm = _mm512_set1_ps(1.0 / (block as f32).sqrt());
+        let one = _mm512_set1_ps(1.0);
         let vecs = block / 16;
+        // Cross-vector stages h = 1, 2, 4, .. < vecs, in passes of two (one when odd).
+        let stages = vecs.trailing_zeros() as usize;
         for chunk in row.chunks_exact_mut(block) {
             let p = chunk.as_mut_ptr();
             // Vector indices below stay below `vecs`, so every 16-float load or store lies
             // inside `chunk` (`block` floats).
+            let first_scale = if stages == 0 { norm } else { one };
             for v in 0..vecs {
                 // SAFETY: see above (vector v < vecs of this chunk).
-                unsafe { _mm512_storeu_ps(p.add(16 * v), in_register(_mm512_loadu_ps(p.add(16 * v)))) };
+                unsafe {
+                    let x = in_register(_mm512_loadu_ps(p.add(16 * v)));
+                    _mm512_storeu_ps(p.add(16 * v), _mm512_mul_ps(x, first_scale));
+                }
             }
-            let mut h = 1;
-            while h < vecs {
-                for start in (0..vecs).step_by(2 * h) {
-                    for v in start..start + h {
-                        // SAFETY: v + h < start + 2h <= vecs: both vectors lie in the chunk.
-                        unsafe {
-                            let a = _mm512_loadu_ps(p.add(16 * v));
-                            let b = _mm512_loadu_ps(p.add(16 * (v + h)));
-                            _mm512_storeu_ps(p.add(16 * v), _mm512_add_ps(a, b));
-                            _mm512_storeu_ps(p.add(16 * (v + h)), _mm512_sub_ps(a, b));
+            let mut done = 0;
+            while done < stages {
+                let h = 1 << done;
+                let scale = if done + 2 >= stages { norm } else { one };
+                if stages - done == 1 {
+                    for start in (0..vecs).step_by(2 * h) {
+                        for v in start..start + h {
+                            // SAFETY: v + h < start + 2h <= vecs: both vectors lie in the chunk.
+                            unsafe {
+                                let a = _mm512_loadu_ps(p.add(16 * v));
+                                let b = _mm512_loadu_ps(p.add(16 * (v + h)));
+                                _mm512_storeu_ps(p.add(16 * v), _mm512_mul_ps(_mm512_add_ps(a, b), scale));
+                                _mm512_storeu_ps(p.add(16 * (v + h)), _mm512_mul_ps(_mm512_sub_ps(a, b), scale));
+                            }
                         }
                     }
+                    done += 1;
+                } else {
+                    for start in (0..vecs).step_by(4 * h) {
+                        for v in start..start + h {
+                            // SAFETY: v + 3h < start + 4h <= vecs: all four vectors lie in
+                            // the chunk.
+                            unsafe {
+                                let a = _mm512_loadu_ps(p.add(16 * v));
+                                let b = _mm512_loadu_ps(p.add(16 * (v + h)));
+                                let c = _mm512_loadu_ps(p.add(16 * (v + 2 * h)));
+                                let d = _mm512_loadu_ps(p.add(16 * (v + 3 * h)));
+                                let (ab0, ab1) = (_mm512_add_ps(a, b), _mm512_sub_ps(a, b));
+                                let (cd0, cd1) = (_mm512_add_ps(c, d), _mm512_sub_ps(c, d));
+                                let out = [
+                                    (v, _mm512_add_ps(ab0, cd0)),
+                                    (v + h, _mm512_add_ps(ab1, cd1)),
+                                    (v + 2 * h, _mm512_sub_ps(ab0, cd0)),
+                                    (v + 3 * h, _mm512_sub_ps(ab1, cd1)),
+                                ];
+                                for (at, x) in out {
+                                    _mm512_storeu_ps(p.add(16 * at), _mm512_mul_ps(x, scale));
+                                }
+                            }
+                        }
+                    }
+                    done += 2;
                 }
-                h *= 2;
-            }
-            for v in 0..vecs {
-                // SAFETY: vector v < vecs of this chunk.
-                unsafe { _mm512_storeu_ps(p.add(16 * v), _mm512_mul_ps(_mm512_loadu_ps(p.add(16 * v)), norm)) };
             }
         }
     }
@@ -177,7 +213,7 @@ mod tests {
     #[test]
     fn vector_and_scalar_transforms_agree() {
         let mut rng = Rng::fresh("hadamard simd vs scalar");
-        for (k, block) in [(1536, 512), (64, 16), (4864, 256), (96, 32)] {
+        for (k, block) in [(1536, 512), (64, 16), (4864, 256), (96, 32), (576, 64), (384, 128), (2048, 1024)] {
             let x: Vec<f32> = (0..2 * k).map(|_| rng.uniform(-3.0, 3.0)).collect();
             let (mut fast, mut slow) = (x.clone(), x.clone());
             hadamard_row(&mut fast, block);

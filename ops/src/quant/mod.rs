@@ -15,6 +15,12 @@
 //! without AMX, and a portable scalar path. All
 //! share one packed weight layout (`pack.rs`), built once at load.
 //!
+//! Fused ends (bit-identical to the compositions they replace): [`QuantLinear::new_swiglu`]
+//! packs an MLP's gate and up projections in channel pairs and applies SwiGLU in the epilogue;
+//! [`QuantLinear::forward_add_rms_norm`] (`norm_input.rs`) adds the residual, normalizes and
+//! quantizes each input row in one pass; [`QuantLinear::forward_per_token_swiglu`] gates,
+//! rotates and quantizes the rows of a down projection in one pass.
+//!
 //! References: [`quantize_reference`], [`quant_matmul_reference`] (candle ops) and
 //! [`quant_accumulators_reference`] (exact integers).
 
@@ -22,6 +28,7 @@ mod a16;
 mod amx;
 mod cpu;
 mod hadamard;
+mod norm_input;
 mod pack;
 mod portable;
 mod reference;
@@ -153,7 +160,7 @@ fn rotate_and_quantize_rows<T: Element>(
     with_slice::<T, _>(x, "quant_linear_per_token", |data, layout| {
         let src = &data[layout.start_offset()..layout.start_offset() + m * k];
         let row = |r: usize, buf: &mut [f32], _: &mut Vec<()>| widen_row(&src[r * k..(r + 1) * k], buf);
-        Ok(quantize_rows_per_token(m, k, block, flip, staged, row))
+        Ok(quantize_rows(m, k, RowQuant::PerToken { block }, flip, staged, row))
     })
 }
 
@@ -178,19 +185,29 @@ fn swiglu_and_quantize_rows<T: Element + crate::kernel::simd::Lanes>(
             crate::swiglu::swiglu_row_into(gate, up, row_t, isa);
             widen_row(row_t, buf);
         };
-        Ok(quantize_rows_per_token(m, k, block, flip, staged, row))
+        Ok(quantize_rows(m, k, RowQuant::PerToken { block }, flip, staged, row))
     })
 }
 
-/// Per-token symmetric quantization of `m` rows of `k` values that `fill(r, buf, scratch)`
-/// writes as f32 (`scratch` is a per-thread buffer for the filler's own use): each row is
+/// How [`quantize_rows`] quantizes each row.
+#[derive(Clone, Copy)]
+enum RowQuant {
+    /// Static per-tensor parameters: `saturate(round(x * scale + offset))`.
+    Static { scale: f32, offset: f32 },
+    /// Per-token symmetric, after the block Hadamard rotation of `block` when `block > 1`.
+    PerToken { block: usize },
+}
+
+/// Quantizes `m` rows of `k` values that `fill(r, buf, scratch)` writes as f32 (`scratch` is a
+/// per-thread buffer for the filler's own use) into their staged rows. Per token, each row is
 /// rotated by the block Hadamard matrix of `block` (when `block > 1`) and quantized with its
-/// own scale `max|row| / 127` (returned; 1 for an all-zero or non-finite row) into its staged
-/// row. Rows run in parallel for large inputs.
-fn quantize_rows_per_token<S: Send>(
+/// own scale `max|row| / 127` (returned; 1 for an all-zero or non-finite row); static rows use
+/// the given parameters (the returned scales are then all 1 and unused). Rows run in parallel
+/// for large inputs.
+fn quantize_rows<S: Send>(
     m: usize,
     k: usize,
-    block: usize,
+    quant: RowQuant,
     flip: u8,
     staged: &mut StagedActivations,
     fill: impl Fn(usize, &mut [f32], &mut Vec<S>) + Sync,
@@ -200,11 +217,16 @@ fn quantize_rows_per_token<S: Send>(
     let one = |(buf, scratch): &mut (Vec<f32>, Vec<S>), ((r, out), scale): ((usize, &mut [u8]), &mut f32)| {
         buf.resize(k, 0.0);
         fill(r, buf, scratch);
-        if block > 1 {
-            hadamard_row(buf, block);
+        match quant {
+            RowQuant::Static { scale, offset } => pack::quantize_row(buf, scale, offset, flip, out),
+            RowQuant::PerToken { block } => {
+                if block > 1 {
+                    hadamard_row(buf, block);
+                }
+                *scale = symmetric_scale(absmax(buf));
+                pack::quantize_row(buf, 1.0 / *scale, 0.0, flip, out);
+            }
         }
-        *scale = symmetric_scale(absmax(buf));
-        pack::quantize_row(buf, 1.0 / *scale, 0.0, flip, out);
     };
     let dst = &mut staged.data.as_mut_slice()[..m * stride];
     if m * k >= 64 * 1024 {
@@ -227,6 +249,24 @@ pub fn quantize(x: &Tensor, scale: f32, offset: f32) -> Result<Int8Matrix> {
     }
     let data = bytes.into_iter().map(|b| b as i8).collect();
     Ok(Int8Matrix { data, rows, cols })
+}
+
+/// `dst[i] = quantize_value(src[i], scale[i], offset[i])` for the common length: per-channel
+/// static parameters (the int8 KV-cache write), AVX-512 where available, bit-identical either way.
+pub(crate) fn quantize_row_per_channel<T: Element>(src: &[T], scale: &[f32], offset: &[f32], dst: &mut [i8]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // SAFETY: AVX-512F/BW checked just above.
+        unsafe { simd::quantize_row_per_channel(src, scale, offset, dst) };
+        return;
+    }
+    quantize_row_per_channel_scalar(src, scale, offset, dst);
+}
+
+fn quantize_row_per_channel_scalar<T: Element>(src: &[T], scale: &[f32], offset: &[f32], dst: &mut [i8]) {
+    for (((o, &x), &s), &z) in dst.iter_mut().zip(src).zip(scale).zip(offset) {
+        *o = quantize_value(x.to_f32(), s, z);
+    }
 }
 
 /// An int8 kernel family of [`QuantLinear`].
@@ -289,6 +329,9 @@ pub struct QuantLinear {
     /// Hadamard block of the per-token path's input rotation (0: none); see
     /// [`with_input_hadamard`](Self::with_input_hadamard).
     input_hadamard: usize,
+    /// A gated linear ([`new_swiglu`](Self::new_swiglu)): the weights are packed as pairs of 16
+    /// gate and 16 up channels, and every forward returns `silu(gate) * up`.
+    swiglu: bool,
 }
 
 impl std::fmt::Debug for QuantLinear {
@@ -299,6 +342,7 @@ impl std::fmt::Debug for QuantLinear {
             .field("prefill_kernel", &self.prefill_kernel)
             .field("decode_kernel", &self.decode_kernel)
             .field("input_hadamard", &self.input_hadamard)
+            .field("swiglu", &self.swiglu)
             .finish()
     }
 }
@@ -309,7 +353,17 @@ impl QuantLinear {
     /// [`SMALL_DECODE_ROWS`] rows), else VNNI, else portable.
     pub fn new(wq: &[i8], bias_q: &[i32], deq_scale: &[f32]) -> Result<Self> {
         let (prefill, decode) = default_kernels();
-        Self::build(wq, bias_q, deq_scale, prefill, decode)
+        Self::build(wq, bias_q, deq_scale, prefill, decode, false)
+    }
+
+    /// The gate and up projections of a SwiGLU MLP as one gated linear: `wq` is `[2I, K]`
+    /// (the `I` gate rows, then the `I` up rows, `I` a multiple of 16), `bias_q` and `deq_scale`
+    /// `[2I]` in the same order. Every forward returns `silu(gate) * up`, `[..., I]`, computed
+    /// in the GEMM's epilogue: the `[..., 2I]` projection is never stored. Equal to
+    /// [`swiglu`](crate::swiglu) of the plain linear's f32 output, bit for bit.
+    pub fn new_swiglu(wq: &[i8], bias_q: &[i32], deq_scale: &[f32]) -> Result<Self> {
+        let (prefill, decode) = default_kernels();
+        Self::build(wq, bias_q, deq_scale, prefill, decode, true)
     }
 
     /// Like [`new`](Self::new) but forces `kernel` for every call (tests, benchmarks); an error
@@ -318,10 +372,25 @@ impl QuantLinear {
         if !kernel.is_available() {
             bail!("quant_linear: kernel {} is not available on this machine", kernel.name());
         }
-        Self::build(wq, bias_q, deq_scale, kernel, kernel)
+        Self::build(wq, bias_q, deq_scale, kernel, kernel, false)
     }
 
-    fn build(wq: &[i8], bias_q: &[i32], deq_scale: &[f32], prefill: QuantKernel, decode: QuantKernel) -> Result<Self> {
+    /// [`new_swiglu`](Self::new_swiglu) with `kernel` forced for every call (tests, benchmarks).
+    pub fn with_kernel_swiglu(wq: &[i8], bias_q: &[i32], deq_scale: &[f32], kernel: QuantKernel) -> Result<Self> {
+        if !kernel.is_available() {
+            bail!("quant_linear: kernel {} is not available on this machine", kernel.name());
+        }
+        Self::build(wq, bias_q, deq_scale, kernel, kernel, true)
+    }
+
+    fn build(
+        wq: &[i8],
+        bias_q: &[i32],
+        deq_scale: &[f32],
+        prefill: QuantKernel,
+        decode: QuantKernel,
+        swiglu: bool,
+    ) -> Result<Self> {
         let n = bias_q.len();
         if n == 0 || wq.is_empty() || !wq.len().is_multiple_of(n) {
             bail!("quant_linear: wq has {} values, not a non-empty [N={n}, K] matrix", wq.len());
@@ -330,6 +399,24 @@ impl QuantLinear {
             bail!("quant_linear: deq_scale has {} values, expected N={n}", deq_scale.len());
         }
         let k = wq.len() / n;
+        if swiglu {
+            if !n.is_multiple_of(pack::PAIR) {
+                bail!("quant_linear: a SwiGLU linear needs 2I output channels with I a multiple of 16, got {n}");
+            }
+            // Packed row j: gate row 16 p + c for pair p = j / 32, c = j % 32 < 16, else the
+            // matching up row I + 16 p + (c - 16).
+            let half = n / 2;
+            let source = |j: usize| {
+                let (p, c) = (j / pack::PAIR, j % pack::PAIR);
+                if c < 16 { 16 * p + c } else { half + 16 * p + c - 16 }
+            };
+            let wq: Vec<i8> = (0..n).flat_map(|j| wq[source(j) * k..(source(j) + 1) * k].iter().copied()).collect();
+            let bias_q: Vec<i32> = (0..n).map(|j| bias_q[source(j)]).collect();
+            let deq_scale: Vec<f32> = (0..n).map(|j| deq_scale[source(j)]).collect();
+            let mut linear = Self::build(&wq, &bias_q, &deq_scale, prefill, decode, false)?;
+            linear.swiglu = true;
+            return Ok(linear);
+        }
         Ok(Self {
             weights: pack::pack_weights(wq, n, k),
             bias_q: bias_q.to_vec(),
@@ -340,6 +427,7 @@ impl QuantLinear {
             prefill_kernel: prefill,
             decode_kernel: decode,
             input_hadamard: 0,
+            swiglu: false,
         })
     }
 
@@ -358,8 +446,19 @@ impl QuantLinear {
         self.input_hadamard
     }
 
+    /// Output channels of the weight (`2I` for a SwiGLU linear).
     pub fn out_features(&self) -> usize {
         self.out_features
+    }
+
+    /// Width of a forward's output rows: `out_features`, or `I` for a SwiGLU linear.
+    pub fn output_width(&self) -> usize {
+        if self.swiglu { self.out_features / 2 } else { self.out_features }
+    }
+
+    /// Whether this is a gated linear ([`new_swiglu`](Self::new_swiglu)).
+    pub fn is_swiglu(&self) -> bool {
+        self.swiglu
     }
 
     pub fn in_features(&self) -> usize {
@@ -411,7 +510,7 @@ impl QuantLinear {
         crate::dispatch_float!(x.dtype(), "quant_linear", T => for_each_row::<T>(x, "quant_linear", staged.data.as_mut_slice(), stride, |_, src, out| pack::quantize_row(src, act_scale, act_offset, flip, out)))?;
         let y = self.gemm_f32(&staged, kernel, None);
         let mut shape = x.dims()[..x.rank() - 1].to_vec();
-        shape.push(self.out_features);
+        shape.push(self.output_width());
         let y = Tensor::from_vec(y, shape, &Device::Cpu)?;
         if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
     }
@@ -443,9 +542,8 @@ impl QuantLinear {
             scales
         };
         let y = self.gemm_f32(&staged, kernel, Some(&scales));
-        let n = self.out_features;
         let mut shape = x.dims()[..x.rank() - 1].to_vec();
-        shape.push(n);
+        shape.push(self.output_width());
         let y = Tensor::from_vec(y, shape, &Device::Cpu)?;
         if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
     }
@@ -469,21 +567,29 @@ impl QuantLinear {
         let scales = crate::dispatch_float!(x.dtype(), OP, T => swiglu_and_quantize_rows::<T>(&x, m, k, block, flip, &mut staged))?;
         let y = self.gemm_f32(&staged, kernel, Some(&scales));
         let mut shape = x.dims()[..x.rank() - 1].to_vec();
-        shape.push(self.out_features);
+        shape.push(self.output_width());
         let y = Tensor::from_vec(y, shape, &Device::Cpu)?;
         if x.dtype() == DType::F32 { Ok(y) } else { y.to_dtype(x.dtype()) }
     }
 
-    /// Runs the GEMM with the f32 epilogue (times `row_scale[m]` when given) into a fresh
-    /// `rows x N` vector (not zero-filled first: the GEMM writes every element).
+    /// Runs the GEMM with the f32 epilogue (times `row_scale[m]` when given; SwiGLU for a
+    /// gated linear) into a fresh `rows x output_width` vector (not zero-filled first: the GEMM
+    /// writes every element).
     fn gemm_f32(&self, staged: &StagedActivations, kernel: QuantKernel, row_scale: Option<&[f32]>) -> Vec<f32> {
-        let len = staged.rows * self.out_features;
+        let width = self.output_width();
+        let len = staged.rows * width;
         let mut y = Vec::<f32>::with_capacity(len);
-        let sink = Sink::F32 { out: OutPtr(y.as_mut_ptr()), deq_scale: &self.deq_scale, row_scale };
+        let (out, deq_scale) = (OutPtr(y.as_mut_ptr()), &self.deq_scale);
+        let sink = if self.swiglu {
+            Sink::SwiGlu { out, deq_scale, row_scale, width }
+        } else {
+            Sink::F32 { out, deq_scale, row_scale }
+        };
         cpu::gemm(staged, &self.args(kernel), sink);
-        // SAFETY: `gemm` wrote every element of the `rows x N` output (its tasks cover all rows
-        // and all channel pairs, and each block stores all of its valid rows and channels),
-        // inside the capacity `len` reserved above.
+        // SAFETY: `gemm` wrote every element of the `rows x width` output (its tasks cover all
+        // rows and all channel pairs, and each block stores all of its valid rows and channels,
+        // or for a gated linear the 16 gated columns of each pair), inside the capacity `len`
+        // reserved above.
         unsafe { y.set_len(len) };
         y
     }
@@ -501,7 +607,8 @@ impl QuantLinear {
         Ok(())
     }
 
-    /// `(xq @ wq^T + bias_q) * deq_scale` for already quantized rows, `[rows, N]` row-major f32.
+    /// `(xq @ wq^T + bias_q) * deq_scale` for already quantized rows, `[rows, N]` row-major f32
+    /// (`[rows, I]` after SwiGLU for a gated linear).
     pub fn forward_quantized(&self, xq: &Int8Matrix) -> Result<Vec<f32>> {
         self.check_quantized(xq)?;
         let kernel = self.kernel_for_rows(xq.rows);
@@ -514,6 +621,9 @@ impl QuantLinear {
     /// wrapping i32 like the hardware): the exact-integer test hook.
     pub fn forward_accumulators(&self, xq: &Int8Matrix) -> Result<Vec<i32>> {
         self.check_quantized(xq)?;
+        if self.swiglu {
+            bail!("quant_linear: a SwiGLU linear has no raw accumulators (its channels are packed in gate/up pairs)");
+        }
         let kernel = self.kernel_for_rows(xq.rows);
         let mut staged = self.staging(xq.rows, kernel);
         pack::stage_int8(&xq.data, xq.rows, xq.cols, kernel == QuantKernel::Vnni, &mut staged);

@@ -49,29 +49,113 @@ unsafe fn load16<T: Element>(p: *const T) -> __m512 {
 pub(super) unsafe fn quantize_row<T: Element>(src: &[T], scale: f32, offset: f32, flip: u8, dst: &mut [u8]) {
     let len = src.len().min(dst.len());
     let (vs, vo) = (_mm512_set1_ps(scale), _mm512_set1_ps(offset));
-    let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
-    let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
     let vflip = _mm_set1_epi8(flip as i8);
     let mut i = 0;
     while i + 16 <= len {
         // SAFETY: i + 16 <= len, so 16 elements are readable from src and writable in dst.
         unsafe {
             let v = _mm512_add_ps(_mm512_mul_ps(load16(src.as_ptr().add(i)), vs), vo);
-            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
-            let c = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(c);
-            let frac = _mm512_sub_ps(c, t);
-            let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
-            let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(frac, _mm512_sub_ps(_mm512_setzero_ps(), half));
-            let r = _mm512_mask_sub_ps(_mm512_mask_add_ps(t, up, t, one), down, t, one);
-            let q = _mm512_maskz_cvttps_epi32(ordered, r);
-            let bytes = _mm_xor_si128(_mm512_cvtepi32_epi8(q), vflip);
+            let bytes = _mm_xor_si128(quantize16(v), vflip);
             _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), bytes);
         }
         i += 16;
     }
     for (o, &v) in dst[i..len].iter_mut().zip(&src[i..len]) {
         *o = (super::quantize_value(v.to_f32(), scale, offset) as u8) ^ flip;
+    }
+}
+
+/// `dst[i] = quantize_value(src[i], scale[i], offset[i])` for the common length: per-channel
+/// parameters (the int8 KV-cache write).
+///
+/// # Safety
+/// [`available`] must be true.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn quantize_row_per_channel<T: Element>(src: &[T], scale: &[f32], offset: &[f32], dst: &mut [i8]) {
+    let len = src.len().min(dst.len()).min(scale.len()).min(offset.len());
+    let mut i = 0;
+    while i + 16 <= len {
+        // SAFETY: i + 16 <= len, so 16 elements are readable from src, scale and offset and
+        // writable in dst.
+        unsafe {
+            let vs = _mm512_loadu_ps(scale.as_ptr().add(i));
+            let vo = _mm512_loadu_ps(offset.as_ptr().add(i));
+            let v = _mm512_add_ps(_mm512_mul_ps(load16(src.as_ptr().add(i)), vs), vo);
+            _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), quantize16(v));
+        }
+        i += 16;
+    }
+    for (((o, &v), &s), &z) in dst[i..len].iter_mut().zip(&src[i..len]).zip(&scale[i..len]).zip(&offset[i..len]) {
+        *o = super::quantize_value(v.to_f32(), s, z);
+    }
+}
+
+/// `saturate(round(v))` of 16 lanes as int8 bytes, exactly as [`super::quantize_value`] after
+/// its multiply and add: NaN -> 0, clamped to [-128, 127], half away from zero.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn quantize16(v: __m512) -> __m128i {
+    let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
+    let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
+    let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+    let c = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(c);
+    let frac = _mm512_sub_ps(c, t);
+    let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
+    let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(frac, _mm512_sub_ps(_mm512_setzero_ps(), half));
+    let r = _mm512_mask_sub_ps(_mm512_mask_add_ps(t, up, t, one), down, t, one);
+    _mm512_cvtepi32_epi8(_mm512_maskz_cvttps_epi32(ordered, r))
+}
+
+/// The SwiGLU epilogue of a gated linear's block (see `QuantLinear::new_swiglu`): channels
+/// 0..16 of `acc` are gate channels and 16..32 the matching up channels; for the first `rows`
+/// rows, `out[r * ldy + c] = silu(g) * u` for `c < 16`, where `g` and `u` are dequantized
+/// exactly as [`dequantize_block`] does (so the result equals `swiglu` of its output).
+///
+/// # Safety
+/// `bias` and `deq` hold 32 values, `row_scale` (when given) `rows`; `out` must be valid for
+/// writing 16 f32 at `out + r * ldy` for every `r < rows`, and no other thread may access
+/// those elements during the call.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn dequantize_swiglu_block(
+    _: crate::kernel::simd::Avx512,
+    acc: &[[i32; 32]],
+    rows: usize,
+    bias: &[i32],
+    deq: &[f32],
+    row_scale: Option<&[f32]>,
+    out: *mut f32,
+    ldy: usize,
+) {
+    assert!(rows <= acc.len() && bias.len() >= 32 && deq.len() >= 32);
+    assert!(row_scale.is_none_or(|s| s.len() >= rows));
+    // SAFETY: 32 values of `bias` and `deq` (asserted).
+    let (b0, b1, s0, s1) = unsafe {
+        (
+            _mm512_loadu_si512(bias.as_ptr().cast()),
+            _mm512_loadu_si512(bias.as_ptr().add(16).cast()),
+            _mm512_loadu_ps(deq.as_ptr()),
+            _mm512_loadu_ps(deq.as_ptr().add(16)),
+        )
+    };
+    for (r, row) in acc.iter().enumerate().take(rows) {
+        // SAFETY: `row` is 32 i32; the store writes the 16 f32 of output row r that the caller
+        // guarantees writable and exclusively ours.
+        unsafe {
+            let a0 = _mm512_loadu_si512(row.as_ptr().cast());
+            let a1 = _mm512_loadu_si512(row.as_ptr().add(16).cast());
+            let mut gate = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, b0)), s0);
+            let mut up = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a1, b1)), s1);
+            if let Some(s) = row_scale {
+                let rs = _mm512_set1_ps(s[r]);
+                (gate, up) = (_mm512_mul_ps(gate, rs), _mm512_mul_ps(up, rs));
+            }
+            _mm512_storeu_ps(out.add(r * ldy), crate::swiglu::swiglu16(gate, up));
+        }
     }
 }
 

@@ -383,3 +383,177 @@ fn absmax_and_widen_match_the_scalar_definitions() -> Result<()> {
     }
     Ok(())
 }
+
+/// The per-channel quantization of the int8 KV-cache write (AVX-512 where present) against the
+/// scalar definition, bit for bit: ragged lengths (masked-off tails), every float dtype, and
+/// rounding ties, saturation, infinities and NaN planted among random values.
+#[test]
+fn per_channel_quantize_matches_the_scalar_definition() -> Result<()> {
+    let mut rng = Rng::fresh("quant::per_channel_row");
+    let specials = [0.5f32, -0.5, 2.5, -2.5, 127.5, -128.5, 1e9, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+    for len in [1usize, 7, 16, 20, 33, 64, 128, 200] {
+        let scale: Vec<f32> = (0..len).map(|_| rng.uniform(5.0, 60.0)).collect();
+        let offset: Vec<f32> = (0..len).map(|_| rng.uniform(-30.0, 30.0).round()).collect();
+        for dtype in FLOAT_DTYPES {
+            let mut x = rng.tensor(&[len], -4.0, 4.0, DType::F32)?.to_vec1::<f32>()?;
+            for (i, &s) in specials.iter().enumerate().take(len / 2) {
+                // Ties land exactly on x * scale + offset for scale 1, offset 0 channels.
+                let at = (2 * i + 1).min(len - 1);
+                x[at] = s;
+            }
+            let (mut unit_scale, mut zero_offset) = (scale.clone(), offset.clone());
+            for i in (1..len).step_by(2) {
+                (unit_scale[i], zero_offset[i]) = (1.0, 0.0);
+            }
+            let t = Tensor::from_vec(x, len, &Device::Cpu)?.to_dtype(dtype)?;
+            for (s, o) in [(&scale, &offset), (&unit_scale, &zero_offset)] {
+                let (mut got, mut want) = (vec![99i8; len], vec![-99i8; len]);
+                crate::dispatch_float!(dtype, "per_channel", T => crate::host::with_slice::<T, _>(&t, "per_channel", |data, _| {
+                    quantize_row_per_channel(data, s, o, &mut got);
+                    quantize_row_per_channel_scalar(data, s, o, &mut want);
+                    Ok(())
+                }))?;
+                assert_eq!(got, want, "{}", case_id("QUANTIZE_PER_CHANNEL", dtype, &[len], "cpu"));
+                assert!(got.iter().any(|&v| v != 0), "len {len}: all zeros");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A SwiGLU linear (gate and up packed in channel pairs, SwiGLU in the epilogue) equals
+/// `swiglu` of the plain linear's output: bit for bit in f32, to the dtype's rounding in
+/// f16/bf16. Every kernel, static and per-token activations (rotated too), decode and
+/// prefill row counts (ragged 32-row blocks), non-zero integer biases.
+#[test]
+fn swiglu_linear_is_swiglu_of_the_plain_linear() -> Result<()> {
+    let mut rng = Rng::fresh("quant swiglu linear");
+    for kernel in QuantKernel::available() {
+        for (m, k, i) in [(1usize, 200usize, 48usize), (5, 96, 32), (16, 576, 64), (40, 320, 96), (100, 1536, 48)] {
+            let n = 2 * i;
+            let wq = random_i8(&mut rng, n * k);
+            let bias: Vec<i32> = (0..n).map(|_| rng.below(4001) as i32 - 2000).collect();
+            let deq: Vec<f32> = (0..n).map(|_| rng.uniform(0.5, 2.0) / (40.0 * k as f32)).collect();
+            let plain = QuantLinear::with_kernel(&wq, &bias, &deq, kernel)?;
+            let gated = QuantLinear::with_kernel_swiglu(&wq, &bias, &deq, kernel)?;
+            assert!(gated.is_swiglu() && gated.output_width() == i && gated.out_features() == n);
+            let block = crate::quant::hadamard_block(k, 512);
+            let (plain_rot, gated_rot) = (
+                QuantLinear::with_kernel(&wq, &vec![0; n], &deq, kernel)?.with_input_hadamard(block)?,
+                QuantLinear::with_kernel_swiglu(&wq, &vec![0; n], &deq, kernel)?.with_input_hadamard(block)?,
+            );
+            for dtype in FLOAT_DTYPES {
+                let x = rng.tensor(&[m, k], -3.0, 3.0, dtype)?;
+                let case = |path: &str| {
+                    case_id("quant_linear_swiglu", dtype, &[m, k, n], &format!("{},{path}", kernel.name()))
+                };
+                let pairs = [
+                    ("static", gated.forward(&x, 20.0, 3.0)?, plain.forward(&x.to_dtype(DType::F32)?, 20.0, 3.0)?),
+                    (
+                        "per_token",
+                        gated_rot.forward_per_token(&x)?,
+                        plain_rot.forward_per_token(&x.to_dtype(DType::F32)?)?,
+                    ),
+                ];
+                for (path, got, plain_out) in pairs {
+                    assert_eq!(got.dims(), &[m, i], "{}", case(path));
+                    assert_eq!(got.dtype(), dtype, "{}", case(path));
+                    let want = crate::swiglu(&plain_out)?;
+                    if dtype == DType::F32 {
+                        let (a, b) = (got.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?.to_vec1::<f32>()?);
+                        if let Some(j) = (0..a.len()).find(|&j| a[j].to_bits() != b[j].to_bits()) {
+                            bail!("{}: element {j}: gated {} vs swiglu(plain) {}", case(path), a[j], b[j]);
+                        }
+                        assert!(a.iter().any(|v| v.abs() > 1e-3), "{}: output near zero", case(path));
+                    } else {
+                        assert_close(&case(path), &got, &want.to_dtype(dtype)?, Tolerance::for_dtype(dtype))?;
+                    }
+                }
+            }
+            let xq = Int8Matrix { data: random_i8(&mut rng, m * k), rows: m, cols: k };
+            let want = crate::swiglu(&Tensor::from_vec(plain.forward_quantized(&xq)?, (m, n), &Device::Cpu)?)?;
+            let got = Tensor::from_vec(gated.forward_quantized(&xq)?, (m, i), &Device::Cpu)?;
+            assert_eq!(
+                got.flatten_all()?.to_vec1::<f32>()?,
+                want.flatten_all()?.to_vec1::<f32>()?,
+                "forward_quantized"
+            );
+            let err = gated.forward_accumulators(&xq).unwrap_err().to_string();
+            assert!(err.contains("SwiGLU"), "{err}");
+        }
+    }
+    let err = QuantLinear::new_swiglu(&[1i8; 40 * 4], &[0; 40], &[1.0; 40]).unwrap_err().to_string();
+    assert!(err.contains("multiple of 16"), "{err}");
+    Ok(())
+}
+
+/// The add + RMS norm + quantize front end equals `add_rms_norm` followed by the forward, bit
+/// for bit (output and sum): every kernel and dtype, static and per-token (rotated) activations,
+/// plain and SwiGLU linears, a strided `x`, serial and parallel row splits.
+#[test]
+fn add_rms_norm_front_end_is_add_rms_norm_then_forward() -> Result<()> {
+    let mut rng = Rng::fresh("quant add_rms_norm front end");
+    for kernel in QuantKernel::available() {
+        for (m, k, n) in [(3usize, 96usize, 64usize), (130, 576, 96)] {
+            let wq = random_i8(&mut rng, n * k);
+            let bias: Vec<i32> = (0..n).map(|_| rng.below(401) as i32 - 200).collect();
+            let deq: Vec<f32> = (0..n).map(|_| rng.uniform(0.5, 2.0) / (40.0 * k as f32)).collect();
+            let block = crate::quant::hadamard_block(k, 512);
+            let layers = [
+                ("plain", QuantLinear::with_kernel(&wq, &bias, &deq, kernel)?),
+                ("swiglu", QuantLinear::with_kernel_swiglu(&wq, &bias, &deq, kernel)?),
+                ("rotated", QuantLinear::with_kernel(&wq, &vec![0; n], &deq, kernel)?.with_input_hadamard(block)?),
+            ];
+            for dtype in FLOAT_DTYPES {
+                let wide = rng.tensor(&[m, k + 5], -3.0, 3.0, dtype)?;
+                let x = wide.narrow(1, 2, k)?;
+                let residual = rng.tensor(&[m, k], -3.0, 3.0, dtype)?;
+                let gamma = rng.tensor(&[k], 0.2, 2.0, dtype)?;
+                let (normed, sum_ref) = crate::add_rms_norm(&x, &residual, &gamma, 1e-5)?;
+                for (name, layer) in &layers {
+                    for act in [Some((25.0f32, -2.0f32)), None] {
+                        let path = if act.is_some() { "static" } else { "per_token" };
+                        let case = case_id(
+                            "quant_linear_add_rms_norm",
+                            dtype,
+                            &[m, k, n],
+                            &format!("{},{name},{path}", kernel.name()),
+                        );
+                        let (y, sum) = layer.forward_add_rms_norm(&x, &residual, &gamma, 1e-5, act)?;
+                        let y_ref = match act {
+                            Some((s, o)) => layer.forward(&normed, s, o)?,
+                            None => layer.forward_per_token(&normed)?,
+                        };
+                        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                            Ok(t.to_dtype(DType::F32)?
+                                .flatten_all()?
+                                .to_vec1::<f32>()?
+                                .iter()
+                                .map(|v| v.to_bits())
+                                .collect())
+                        };
+                        assert_eq!(y.dims(), y_ref.dims(), "{case}");
+                        assert_eq!(y.dtype(), dtype, "{case}");
+                        if bits(&y)? != bits(&y_ref)? {
+                            bail!("{case}: output differs from add_rms_norm + forward");
+                        }
+                        if bits(&sum)? != bits(&sum_ref)? {
+                            bail!("{case}: sum differs from add_rms_norm's");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let layer = QuantLinear::new(&[1i8; 8], &[0, 0], &[1.0, 1.0])?;
+    let x = Tensor::ones((3, 5), DType::F32, &Device::Cpu)?;
+    let err = layer.forward_add_rms_norm(&x, &x, &Tensor::ones(5, DType::F32, &Device::Cpu)?, 1e-5, None).unwrap_err();
+    assert!(err.to_string().contains("5 features"), "{err}");
+    let x = Tensor::ones((3, 4), DType::F32, &Device::Cpu)?;
+    let err = layer.forward_add_rms_norm(&x, &x, &Tensor::ones(3, DType::F32, &Device::Cpu)?, 1e-5, None).unwrap_err();
+    assert!(err.to_string().contains("gamma"), "{err}");
+    let err =
+        layer.forward_add_rms_norm(&x, &x.narrow(0, 0, 2)?, &Tensor::ones(4, DType::F32, &Device::Cpu)?, 1e-5, None);
+    assert!(err.unwrap_err().to_string().contains("residual"));
+    Ok(())
+}

@@ -56,19 +56,23 @@ pub(crate) fn swiglu_row_into<T: Lanes>(gate: &[T], up: &[T], y: &mut [T], isa: 
     }
 }
 
+/// `silu(a) * b` in f32, as the portable kernel computes it.
+pub(crate) fn silu_mul(a: f32, b: f32) -> f32 {
+    a / (1.0 + (-a).exp()) * b
+}
+
 mod portable {
     use super::*;
 
     pub(super) fn swiglu_row<T: Element>(gate: &[T], up: &[T], y: &mut [MaybeUninit<T>]) {
         for ((y, a), b) in y.iter_mut().zip(gate).zip(up) {
-            let a = a.to_f32();
-            y.write(T::from_f32(a / (1.0 + (-a).exp()) * b.to_f32()));
+            y.write(T::from_f32(silu_mul(a.to_f32(), b.to_f32())));
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::*;
@@ -82,7 +86,7 @@ mod avx512 {
     /// Newton step (relative error ~1e-8 before rounding) instead of a slow `vdivps`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    fn swiglu16(a: __m512, b: __m512) -> __m512 {
+    pub(crate) fn swiglu16(a: __m512, b: __m512) -> __m512 {
         let one = _mm512_set1_ps(1.0);
         // -|a|: the sign bit set.
         let minus_abs = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_set1_epi32(i32::MIN)));

@@ -9,7 +9,9 @@ use candle_core::{DType, Result, Tensor, bail};
 use crate::dispatch_float;
 use crate::kernel::simd::Avx512;
 
-pub(crate) use cpu::swiglu_row_into;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use cpu::avx512::swiglu16;
+pub(crate) use cpu::{silu_mul, swiglu_row_into};
 pub use reference::swiglu_reference;
 
 const SWIGLU: &str = "swiglu";
