@@ -102,6 +102,14 @@ fn cast_slice_mut<A: 'static, B: 'static>(v: &mut [A]) -> &mut [B] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<B>(), v.len()) }
 }
 
+/// `x` as an f32 slice when `T` is f32 (lets generic row code skip a widening copy).
+pub fn as_f32_slice<T: Element + 'static>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: the TypeId check makes T and f32 the same type, so the pointer, length and
+    // lifetime are valid for f32.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+}
+
 /// Typed view of a CPU storage slice for reading inside an in-place op.
 pub fn storage_ref<T: Element>(storage: &CpuStorage) -> Result<&[T]> {
     storage.as_slice::<T>()

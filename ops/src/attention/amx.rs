@@ -70,7 +70,7 @@ pub(super) fn prompt_run<T: Element + KvElement + Lanes>(
         &inp.dims,
         q_start,
         q_lens,
-        |b, g, n| pack(inp, b, g, n),
+        |b, g, n| pack(amx, inp, b, g, n),
         |packed, task, rows| prompt_task(amx, inp, packed, q_start[task.b], task, rows),
     )
 }
@@ -84,33 +84,118 @@ struct PackedKv {
     vt: AlignedVec<u16>,
 }
 
-/// The bf16 bits of an int8 value (exact: the value has at most 8 significant bits).
-fn bf16_bits(x: i8) -> u16 {
-    (f32::from(x).to_bits() >> 16) as u16
-}
-
-fn pack<T>(inp: &Inputs<'_, T, i8>, b: usize, g: usize, n: usize) -> PackedKv {
+fn pack<T>(amx: AmxBf16, inp: &Inputs<'_, T, i8>, b: usize, g: usize, n: usize) -> PackedKv {
     let d = inp.dims.head_dim;
     let n_padded = n.next_multiple_of(KEYS);
     let mut k_buf = AlignedVec::zeroed(n_padded * d);
     let mut vt_buf = AlignedVec::zeroed(n_padded * d);
-    let (k, vt) = (k_buf.as_mut_slice(), vt_buf.as_mut_slice());
-    for j in 0..n {
-        let key = &inp.k[inp.k_view.row(b, j, g)..][..d];
-        for (o, &x) in k[j * d..(j + 1) * d].iter_mut().zip(key) {
-            *o = bf16_bits(x);
-        }
-        let value = &inp.v[inp.v_view.row(b, j, g)..][..d];
-        let block = &mut vt[(j / KEYS) * KEYS * d..][..KEYS * d];
-        for (t, &x) in value.iter().enumerate() {
-            block[t * KEYS + j % KEYS] = bf16_bits(x);
+    if n > 0 {
+        let (k_rows, v_rows) = (&inp.k[inp.k_view.row(b, 0, g)..], &inp.v[inp.v_view.row(b, 0, g)..]);
+        let (k_stride, v_stride) = (inp.k_view.stride_b(), inp.v_view.stride_b());
+        assert!(k_rows.len() >= (n - 1) * k_stride + d && v_rows.len() >= (n - 1) * v_stride + d);
+        // SAFETY: the token proves AVX-512F/BW; the asserts above bound every row read.
+        unsafe {
+            pack_keys(amx.simd, k_rows, k_stride, n, d, k_buf.as_mut_slice());
+            pack_values(amx.simd, v_rows, v_stride, n, d, vt_buf.as_mut_slice());
         }
     }
     PackedKv { k: k_buf, vt: vt_buf }
 }
 
-/// The scaled queries (`rows` rows of `D`, zero rows up to a multiple of 16) as B tiles of
-/// `Q^T`: for query tile `qt` and head-dim chunk `c` (32 entries), the high-part tile starts
+/// The bf16 bits of 16 int8 values (sign-extended in 32-bit lanes) as 16 u16: exact, an int8
+/// value has at most 8 significant bits.
+#[target_feature(enable = "avx512f,avx512bw")]
+fn bf16_of_i8(x: __m512i) -> __m256i {
+    _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(_mm512_cvtepi32_ps(x))))
+}
+
+/// Byte `(24 - SHIFT) / 8` of each 32-bit lane of `x`, sign-extended.
+#[target_feature(enable = "avx512f")]
+fn byte_lanes<const SHIFT: u32>(x: __m512i) -> __m512i {
+    _mm512_srai_epi32::<24>(_mm512_slli_epi32::<SHIFT>(x))
+}
+
+/// Keys `0..n` (rows of `d` int8 at `stride` apart in `rows`) as bf16 bits into `out`
+/// (`[n_padded, d]`, zero beyond `n`).
+///
+/// # Safety
+/// Rows `0..n` must lie in `rows` (`(n - 1) * stride + d` elements) and `d` be a multiple of 16.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_keys(_: Avx512, rows: &[i8], stride: usize, n: usize, d: usize, out: &mut [u16]) {
+    assert!(d.is_multiple_of(16) && out.len() >= n * d);
+    for j in 0..n {
+        for t in (0..d).step_by(16) {
+            // SAFETY: 16 bytes of row j (inside `rows` per the caller) and 16 u16 of `out`.
+            unsafe {
+                let x = _mm512_cvtepi8_epi32(_mm_loadu_si128(rows.as_ptr().add(j * stride + t).cast()));
+                let bits = bf16_of_i8(x);
+                _mm256_storeu_si256(out.as_mut_ptr().add(j * d + t).cast(), bits);
+            }
+        }
+    }
+}
+
+/// Values `0..n` transposed per block of [`KEYS`] keys into `out` (block `j / KEYS` is
+/// `[d, KEYS]` bf16 bits, zero beyond `n`): per block and per 4 channels, two gathers read
+/// the 4 channel bytes of 16 keys each as one dword, and each channel's byte becomes a
+/// 32-key row.
+///
+/// # Safety
+/// As for [`pack_keys`]; `d` a multiple of 4 suffices here.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_values(_: Avx512, rows: &[i8], stride: usize, n: usize, d: usize, out: &mut [u16]) {
+    assert!(d.is_multiple_of(16) && out.len() >= n.next_multiple_of(KEYS) * d);
+    assert!(i32::try_from(KEYS * stride).is_ok());
+    let keys = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    let offsets = _mm512_mullo_epi32(keys, _mm512_set1_epi32(stride as i32));
+    for j0 in (0..n).step_by(KEYS) {
+        let block = &mut out[j0 * d..][..KEYS * d];
+        // Keys of the block that exist, for each half of 16.
+        let live = |half: usize| -> __mmask16 {
+            let count = n.saturating_sub(j0 + 16 * half).min(16);
+            ((1u32 << count) - 1) as __mmask16
+        };
+        let (live0, live1) = (live(0), live(1));
+        for t in (0..d).step_by(4) {
+            // SAFETY: the gathers read the dword at channels t..t + 4 (t + 4 <= d) of live keys
+            // j0 + i < n only (masked), inside `rows` per the caller.
+            let (lo, hi) = unsafe {
+                let base = rows.as_ptr().add(j0 * stride + t);
+                (
+                    _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), live0, offsets, base.cast()),
+                    if live1 != 0 {
+                        _mm512_mask_i32gather_epi32::<1>(
+                            _mm512_setzero_si512(),
+                            live1,
+                            offsets,
+                            base.add(16 * stride).cast(),
+                        )
+                    } else {
+                        _mm512_setzero_si512()
+                    },
+                )
+            };
+            macro_rules! channel {
+                ($byte:literal) => {
+                    // SAFETY: row t + byte of the block holds KEYS u16.
+                    unsafe {
+                        let row = block.as_mut_ptr().add((t + $byte) * KEYS);
+                        _mm256_storeu_si256(row.cast(), bf16_of_i8(byte_lanes::<{ 24 - 8 * $byte }>(lo)));
+                        _mm256_storeu_si256(row.add(16).cast(), bf16_of_i8(byte_lanes::<{ 24 - 8 * $byte }>(hi)));
+                    }
+                };
+            }
+            channel!(0);
+            channel!(1);
+            channel!(2);
+            channel!(3);
+        }
+    }
+}
+
+/// The scaled queries (`rows` rows of `D`, zero rows up to a multiple of 16) times log2(e) (the
+/// softmax runs in base 2) as B tiles of `Q^T`: for query tile `qt` and head-dim chunk `c` (32
+/// entries), the high-part tile starts
 /// at `(qt * chunks + c) * 2 * TILE_WORDS` and the low-part tile follows it; word `k * 16 + n`
 /// of a tile holds entries `32 c + 2k` (low half) and `32 c + 2k + 1` (high half) of row
 /// `16 qt + n`, each the bf16 high or low part of the f32 entry ([`split_bf16_ps`]).
@@ -128,12 +213,15 @@ fn query_tiles(_: Avx512, q: &[f32], d: usize) -> AlignedVec<u32> {
     let odd_words = unsafe { _mm512_loadu_si512(odd_words.as_ptr().cast()) };
     // Word k of a packed row goes to word row k of the tile, column n.
     let word_rows = tile_rows();
+    // Scores in base 2: the softmax takes 2^(s - max) instead of e^(s - max).
+    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
     for (r, row) in q.chunks_exact(d).enumerate() {
         let (qt, n) = (r / COLS, r % COLS);
         for c in 0..chunks {
             // SAFETY: entries 32c .. 32c + 32 lie in the row (d is a multiple of 32).
             let (x0, x1) =
                 unsafe { (_mm512_loadu_ps(row.as_ptr().add(32 * c)), _mm512_loadu_ps(row.as_ptr().add(32 * c + 16))) };
+            let (x0, x1) = (_mm512_mul_ps(x0, log2e), _mm512_mul_ps(x1, log2e));
             let (h0, l0) = split_bf16_ps(x0);
             let (h1, l1) = split_bf16_ps(x1);
             let base = (qt * chunks + c) * 2 * TILE_WORDS + n;
@@ -163,9 +251,7 @@ fn prompt_task<T: Element + KvElement + Lanes>(
     // Row r is query position i0 + r / group, head g * group + r % group.
     let n_rows = (task.i1 - task.i0) * group;
     let tiles = n_rows.div_ceil(COLS);
-    let mut q = inp.task_queries(amx.simd, task, tiles * COLS);
-    // Scores in base 2: the softmax takes 2^(s - max) instead of e^(s - max).
-    q.iter_mut().for_each(|x| *x *= std::f32::consts::LOG2_E);
+    let q = inp.task_queries(amx.simd, task, tiles * COLS);
     // SAFETY: the token proves AVX-512F/BW.
     let q_tiles = unsafe { query_tiles(amx.simd, &q, d) };
     let tile_words = d / 32 * 2 * TILE_WORDS;

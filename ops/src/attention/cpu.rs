@@ -63,6 +63,11 @@ impl View4 {
     pub(super) fn row(&self, a: usize, b: usize, c: usize) -> usize {
         self.offset + a * self.stride[0] + b * self.stride[1] + c * self.stride[2]
     }
+
+    /// Storage distance between rows `(a, b, c)` and `(a, b + 1, c)` (one key apart in a cache).
+    pub(super) fn stride_b(&self) -> usize {
+        self.stride[1]
+    }
 }
 
 /// Per-channel parameters of int8 caches (`Nkv * D` each, channel `g * D + t`), applied

@@ -90,15 +90,15 @@ pub(super) fn add_rms_norm<T: Lanes>(
 }
 
 /// One row of [`add_rms_norm`] for fused consumers that never materialize the whole output:
-/// writes `s = x + r` and `y = rms_norm(s) * gamma`, both rounded to `T` exactly as
-/// `add_rms_norm` stores them. `scratch` holds at least one row of f32.
+/// writes `s = x + r` (as `T`) and `y = rms_norm(s) * gamma` as f32 holding the values rounded
+/// to `T`, both exactly as `add_rms_norm` stores them. `scratch` holds at least one row of f32.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn add_rms_norm_row_into<T: Lanes>(
     x: &[T],
     r: &[T],
     gamma: &[f32],
     eps: f32,
-    y: &mut [MaybeUninit<T>],
+    y: &mut [f32],
     s: &mut [MaybeUninit<T>],
     scratch: &mut [f32],
     isa: Option<Avx512>,
@@ -109,8 +109,16 @@ pub(crate) fn add_rms_norm_row_into<T: Lanes>(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an `Avx512` token exists only when the CPU supports AVX-512 F/BW/VL.
-        Some(_) => unsafe { avx512::add_rms_norm_row(x, r, gamma, eps, y, s, scratch) },
-        _ => portable::add_rms_norm_row(x, r, gamma, eps, y, s, scratch),
+        Some(_) => unsafe {
+            let inv = avx512::add_row(x, r, eps, s, scratch);
+            avx512::scale_row_rounded::<T>(scratch, inv, gamma, y);
+        },
+        _ => {
+            let inv = portable::add_row(x, r, eps, s, scratch);
+            for ((y, sf), g) in y.iter_mut().zip(scratch.iter()).zip(gamma) {
+                *y = T::from_f32(sf * inv * g).to_f32();
+            }
+        }
     }
 }
 
@@ -156,7 +164,7 @@ mod portable {
         }
     }
 
-    pub(super) fn add_rms_norm_row<T: Element>(
+    fn add_rms_norm_row<T: Element>(
         x: &[T],
         r: &[T],
         gamma: &[f32],
@@ -165,15 +173,27 @@ mod portable {
         s: &mut [MaybeUninit<T>],
         scratch: &mut [f32],
     ) {
+        let inv = add_row(x, r, eps, s, scratch);
+        for ((y, sf), g) in y.iter_mut().zip(scratch.iter()).zip(gamma) {
+            y.write(T::from_f32(sf * inv * g));
+        }
+    }
+
+    /// The first pass of a row: `s = x + r` rounded to `T` (also kept in `scratch` as f32);
+    /// returns `1 / rms(s)`.
+    pub(super) fn add_row<T: Element>(
+        x: &[T],
+        r: &[T],
+        eps: f32,
+        s: &mut [MaybeUninit<T>],
+        scratch: &mut [f32],
+    ) -> f32 {
         for (((s, sf), x), r) in s.iter_mut().zip(scratch.iter_mut()).zip(x).zip(r) {
             let sum = T::from_f32(x.to_f32() + r.to_f32());
             s.write(sum);
             *sf = sum.to_f32();
         }
-        let inv = inv_rms(sum_squares(scratch.iter().copied()), gamma.len(), eps);
-        for ((y, sf), g) in y.iter_mut().zip(scratch.iter()).zip(gamma) {
-            y.write(T::from_f32(sf * inv * g));
-        }
+        inv_rms(sum_squares(scratch.iter().copied()), scratch.len(), eps)
     }
 }
 
@@ -248,7 +268,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) fn add_rms_norm_row<T: Lanes>(
+    fn add_rms_norm_row<T: Lanes>(
         x: &[T],
         r: &[T],
         gamma: &[f32],
@@ -257,6 +277,32 @@ mod avx512 {
         s: &mut [MaybeUninit<T>],
         scratch: &mut [f32],
     ) {
+        let inv = add_row(x, r, eps, s, scratch);
+        scale_row(scratch, inv, gamma, y);
+    }
+
+    /// `y = round_T(x * inv * gamma)` over one row, kept as f32 (the values `scale_row` would
+    /// store as `T`, widened back).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) fn scale_row_rounded<T: Lanes>(x: &[f32], inv: f32, gamma: &[f32], y: &mut [f32]) {
+        let inv = _mm512_set1_ps(inv);
+        let (xc, xt) = x.as_chunks::<LANES>();
+        let (gc, gt) = gamma.as_chunks::<LANES>();
+        let (yc, yt) = y.as_chunks_mut::<LANES>();
+        for ((x, g), y) in xc.iter().zip(gc).zip(yc) {
+            let v = round::<T>(_mm512_mul_ps(_mm512_mul_ps(load16(x), inv), load16(g)));
+            store16_f32(y, v);
+        }
+        if !yt.is_empty() {
+            let v = round::<T>(_mm512_mul_ps(_mm512_mul_ps(load_partial(xt), inv), load_partial(gt)));
+            store_partial_f32(yt, v);
+        }
+    }
+
+    /// The first pass of a row: `s = x + r` rounded to `T` (also kept in `scratch` as f32);
+    /// returns `1 / rms(s)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) fn add_row<T: Lanes>(x: &[T], r: &[T], eps: f32, s: &mut [MaybeUninit<T>], scratch: &mut [f32]) -> f32 {
         let (xc, xt) = x.as_chunks::<LANES>();
         let (rc, rt) = r.as_chunks::<LANES>();
         let (sc, st) = s.as_chunks_mut::<LANES>();
@@ -274,7 +320,7 @@ mod avx512 {
             store_partial_f32(ft, v);
             acc = _mm512_fmadd_ps(v, v, acc);
         }
-        scale_row(scratch, inv_rms(sum(acc), gamma.len(), eps), gamma, y);
+        inv_rms(sum(acc), scratch.len(), eps)
     }
 }
 

@@ -33,11 +33,25 @@ pub fn hadamard_row(row: &mut [f32], block: usize) {
     #[cfg(target_arch = "x86_64")]
     if block >= 16 && super::simd::available() {
         // SAFETY: AVX-512F checked just above; `block` is a power of two >= 16, so every
-        // chunk is a whole number of 16-lane vectors.
-        unsafe { avx512::hadamard_row(row, block) };
+        // chunk is a whole number of 16-lane vectors; the source is the row itself.
+        unsafe { avx512::hadamard_from(row.as_ptr(), row, block) };
         return;
     }
     hadamard_row_scalar(row, block);
+}
+
+/// `dst = src` rotated like [`hadamard_row`] (bit-identical to copying, then rotating in
+/// place), without a separate copy pass on the AVX-512 path.
+pub fn hadamard_row_from(src: &[f32], dst: &mut [f32], block: usize) {
+    assert_eq!(src.len(), dst.len(), "hadamard_row_from: source and destination lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if block >= 16 && super::simd::available() {
+        // SAFETY: AVX-512F checked just above; `src` holds `dst.len()` floats.
+        unsafe { avx512::hadamard_from(src.as_ptr(), dst, block) };
+        return;
+    }
+    dst.copy_from_slice(src);
+    hadamard_row_scalar(dst, block);
 }
 
 fn hadamard_row_scalar(row: &mut [f32], block: usize) {
@@ -82,28 +96,33 @@ mod avx512 {
         v
     }
 
-    /// # Safety
-    /// AVX-512F must be available; `block` a power of two >= 16.
+    /// Rotates `src` (`row.len()` floats, possibly `row` itself) into `row`.
     ///
-    /// The in-register stages run in one pass over the block; the stages across vectors run
-    /// two at a time (radix 4: four vectors loaded, two butterfly levels, four stored), and
-    /// the normalization rides on the last pass's stores.
+    /// # Safety
+    /// AVX-512F must be available; `block` a power of two >= 16; `src` readable for
+    /// `row.len()` floats (it may alias `row`: each vector is read before it is written).
+    ///
+    /// The in-register stages run in one pass over the block (reading `src`); the stages
+    /// across vectors run two at a time (radix 4: four vectors loaded, two butterfly levels,
+    /// four stored), and the normalization rides on the last pass's stores.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn hadamard_row(row: &mut [f32], block: usize) {
+    pub(super) unsafe fn hadamard_from(src: *const f32, row: &mut [f32], block: usize) {
         let norm = _mm512_set1_ps(1.0 / (block as f32).sqrt());
         let one = _mm512_set1_ps(1.0);
         let vecs = block / 16;
         // Cross-vector stages h = 1, 2, 4, .. < vecs, in passes of two (one when odd).
         let stages = vecs.trailing_zeros() as usize;
-        for chunk in row.chunks_exact_mut(block) {
+        for (c, chunk) in row.chunks_exact_mut(block).enumerate() {
             let p = chunk.as_mut_ptr();
+            // SAFETY: chunk c of the source, `block` floats inside its `row.len()`.
+            let from = unsafe { src.add(c * block) };
             // Vector indices below stay below `vecs`, so every 16-float load or store lies
             // inside `chunk` (`block` floats).
             let first_scale = if stages == 0 { norm } else { one };
             for v in 0..vecs {
                 // SAFETY: see above (vector v < vecs of this chunk).
                 unsafe {
-                    let x = in_register(_mm512_loadu_ps(p.add(16 * v)));
+                    let x = in_register(_mm512_loadu_ps(from.add(16 * v)));
                     _mm512_storeu_ps(p.add(16 * v), _mm512_mul_ps(x, first_scale));
                 }
             }
@@ -218,6 +237,10 @@ mod tests {
             let (mut fast, mut slow) = (x.clone(), x.clone());
             hadamard_row(&mut fast, block);
             hadamard_row_scalar(&mut slow, block);
+            let mut from = vec![f32::NAN; x.len()];
+            hadamard_row_from(&x, &mut from, block);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&from), bits(&fast), "k={k} block={block}: out of place differs from in place");
             for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "k={k} block={block} [{i}]: {a} vs {b}");
             }

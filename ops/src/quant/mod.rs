@@ -38,7 +38,7 @@ mod tests;
 mod vnni;
 
 pub(crate) use a16::SplitInt16Linear;
-pub use hadamard::{check_hadamard_block, hadamard_block, hadamard_row, hadamard_rows};
+pub use hadamard::{check_hadamard_block, hadamard_block, hadamard_row, hadamard_row_from, hadamard_rows};
 pub use reference::{quant_accumulators_reference, quant_matmul_reference, quantize_reference};
 
 use candle_core::{DType, Device, Result, Tensor, bail};
@@ -159,6 +159,12 @@ fn rotate_and_quantize_rows<T: Element>(
 ) -> Result<Vec<f32>> {
     with_slice::<T, _>(x, "quant_linear_per_token", |data, layout| {
         let src = &data[layout.start_offset()..layout.start_offset() + m * k];
+        if let Some(src) = crate::host::as_f32_slice(src) {
+            // f32 rows are rotated straight from the input (no widening copy first).
+            let row =
+                |r: usize, buf: &mut [f32], _: &mut Vec<()>| hadamard_row_from(&src[r * k..(r + 1) * k], buf, block);
+            return Ok(quantize_rows(m, k, RowQuant::PerToken { block: 0 }, flip, staged, row));
+        }
         let row = |r: usize, buf: &mut [f32], _: &mut Vec<()>| widen_row(&src[r * k..(r + 1) * k], buf);
         Ok(quantize_rows(m, k, RowQuant::PerToken { block }, flip, staged, row))
     })

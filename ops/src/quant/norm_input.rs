@@ -3,12 +3,10 @@
 //! while the row is in L1, so the normalized activations are never written out and read back.
 //! The int8 GEMM and its epilogue are the linear's usual ones.
 
-use std::mem::MaybeUninit;
-
 use candle_core::{DType, Device, Result, Tensor, bail};
 
 use super::cpu::OutPtr;
-use super::{QuantKernel, QuantLinear, RowQuant, quantize_rows, rows_and_cols, widen_row};
+use super::{QuantKernel, QuantLinear, RowQuant, quantize_rows, rows_and_cols};
 use crate::host::{tensor_from_vec, with_slice};
 use crate::kernel::simd::{Avx512, Lanes};
 use crate::kernel::{assume_init_vec, uninit_vec};
@@ -80,27 +78,16 @@ fn norm_and_quantize<T: Lanes>(
         with_slice::<T, _>(residual, OP, |rs, r_layout| {
             let xs = &xs[x_layout.start_offset()..][..m * k];
             let rs = &rs[r_layout.start_offset()..][..m * k];
-            // `buf` first receives the f32 sums (the norm's scratch row), then the
-            // normalized row widened from `T`, which `quantize_rows` quantizes.
-            let fill = |r: usize, buf: &mut [f32], normed: &mut Vec<T>| {
-                normed.resize(k, T::from_f32(0.0));
-                // SAFETY: `MaybeUninit<T>` has the layout of `T`; the kernel only writes it.
-                let normed_out = unsafe { &mut *(normed.as_mut_slice() as *mut [T] as *mut [MaybeUninit<T>]) };
+            // `buf` receives the normalized row (rounded to `T`, as `add_rms_norm` stores it),
+            // which `quantize_rows` quantizes; `sums` is the norm's f32 scratch row.
+            let fill = |r: usize, buf: &mut [f32], sums: &mut Vec<f32>| {
+                sums.resize(k, 0.0);
                 // SAFETY: row r < m of the m x k sum buffer; `quantize_rows` calls the filler
                 // once per row, so no two calls write the same row.
                 let sum_row = unsafe { std::slice::from_raw_parts_mut(sum_out.add(r * k), k) };
                 let rows = r * k..(r + 1) * k;
-                crate::norm::add_rms_norm_row_into(
-                    &xs[rows.clone()],
-                    &rs[rows],
-                    gamma,
-                    eps,
-                    normed_out,
-                    sum_row,
-                    buf,
-                    isa,
-                );
-                widen_row(normed, buf);
+                let (x_row, r_row) = (&xs[rows.clone()], &rs[rows]);
+                crate::norm::add_rms_norm_row_into(x_row, r_row, gamma, eps, buf, sum_row, sums, isa);
             };
             Ok(quantize_rows(m, k, quant, flip, staged, fill))
         })
