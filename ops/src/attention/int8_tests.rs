@@ -76,8 +76,11 @@ fn prompt_int8_every_isa_matches_reference() -> Result<()> {
             for (heads, kv_heads) in HEAD_LAYOUTS {
                 // A fresh ragged prefill on a batch prefix, then chunked prefill (q_start > 0)
                 // over several key blocks.
-                let cases: [PromptCase; 2] =
-                    [(3, 64, 20, &[0, 0], &[20, 7], false), (2, 200, 70, &[10, 130], &[70, 33], true)];
+                let cases: [PromptCase; 3] = [
+                    (3, 64, 20, &[0, 0], &[20, 7], false),
+                    (2, 200, 70, &[10, 130], &[70, 33], true),
+                    (2, 512, 512, &[0, 0], &[512, 300], false),
+                ];
                 for (batch, capacity, s, q_start, q_lens, strided) in cases {
                     let b = q_lens.len();
                     let [k, v] = filled_caches(&mut rng, batch, capacity, kv_heads, d)?;
