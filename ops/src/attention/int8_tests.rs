@@ -75,7 +75,7 @@ fn prompt_int8_every_isa_matches_reference() -> Result<()> {
         for d in [64, 128] {
             for (heads, kv_heads) in HEAD_LAYOUTS {
                 // A fresh ragged prefill on a batch prefix, then chunked prefill (q_start > 0)
-                // over several key blocks.
+                // over several key blocks, and a whole 512-token prefill.
                 let cases: [PromptCase; 3] = [
                     (3, 64, 20, &[0, 0], &[20, 7], false),
                     (2, 200, 70, &[10, 130], &[70, 33], true),
