@@ -48,6 +48,27 @@ impl CpuLinear {
     }
 }
 
+/// The int8 linear of per-token activations: `w_q` `[N, K]`, per-channel `scale`, input rotation
+/// by Hadamard blocks of `hadamard` (0: none); with `swiglu` packed as a gated gate/up projection.
+fn per_token_linear(
+    w_q: &[i8],
+    (out_features, in_features): (usize, usize),
+    scale: &[f32],
+    hadamard: usize,
+    swiglu: bool,
+) -> Result<ops::QuantLinear> {
+    if w_q.len() != out_features * in_features {
+        bail!("int8 weight has {} values for [{out_features}, {in_features}]", w_q.len());
+    }
+    let zero_bias = vec![0; out_features];
+    let linear = if swiglu {
+        ops::QuantLinear::new_swiglu(w_q, &zero_bias, scale)?
+    } else {
+        ops::QuantLinear::new(w_q, &zero_bias, scale)?
+    };
+    if hadamard > 0 { linear.with_input_hadamard(hadamard) } else { Ok(linear) }
+}
+
 /// `(w(rms_norm(x + residual)), x + residual)` through the fused add + norm + quantize front
 /// end of an int8-activation linear (`QuantLinear::forward_add_rms_norm`, bit-identical to the
 /// composition); `None` for other linears.
@@ -127,13 +148,7 @@ impl Backend for CpuBackend {
                 act_offset: linear.act_offset,
             },
             LinearWeights::Int8PerToken { w_q, out_features, in_features, scale, bias, hadamard } => {
-                if w_q.len() != out_features * in_features {
-                    bail!("int8 weight has {} values for [{out_features}, {in_features}]", w_q.len());
-                }
-                let mut linear = ops::QuantLinear::new(w_q, &vec![0; out_features], scale)?;
-                if hadamard > 0 {
-                    linear = linear.with_input_hadamard(hadamard)?;
-                }
+                let linear = per_token_linear(w_q, (out_features, in_features), scale, hadamard, false)?;
                 CpuLinear::Int8PerToken { linear, bias: bias.map(|b| b.to_dtype(self.dtype)).transpose()? }
             }
         })
@@ -299,13 +314,7 @@ impl Backend for CpuBackend {
             LinearWeights::Int8PerToken { w_q, out_features, in_features, scale, bias: None, hadamard }
                 if gated(out_features) =>
             {
-                if w_q.len() != out_features * in_features {
-                    bail!("int8 weight has {} values for [{out_features}, {in_features}]", w_q.len());
-                }
-                let mut linear = ops::QuantLinear::new_swiglu(w_q, &vec![0; out_features], scale)?;
-                if hadamard > 0 {
-                    linear = linear.with_input_hadamard(hadamard)?;
-                }
+                let linear = per_token_linear(w_q, (out_features, in_features), scale, hadamard, true)?;
                 CpuLinear::Int8PerToken { linear, bias: None }
             }
             other => self.prepare_linear(other)?,

@@ -147,8 +147,9 @@ fn row_scales<T: Element>(x: &Tensor, m: usize, k: usize) -> Result<Vec<f32>> {
 }
 
 /// The rotated per-token quantization: each row of the contiguous `[m, k]` view of `x` is
-/// copied to f32, rotated by the block Hadamard matrix, then quantized symmetrically with
-/// its own scale `max|row| / 127` (returned) into its staged row.
+/// rotated by the block Hadamard matrix into an f32 row (f32 input straight from its row,
+/// f16/bf16 widened first), then quantized symmetrically with its own scale `max|row| / 127`
+/// (returned) into its staged row.
 fn rotate_and_quantize_rows<T: Element>(
     x: &Tensor,
     m: usize,
