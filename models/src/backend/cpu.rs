@@ -48,6 +48,15 @@ impl CpuLinear {
     }
 }
 
+/// Errors for a gated gate/up projection from `prepare_gate_up` outside `mlp` (its forward
+/// returns `silu(gate) * up`, not the projection).
+fn reject_gated(w: &CpuLinear) -> Result<()> {
+    if w.is_gated() {
+        bail!("cpu: a gated gate/up projection (prepare_gate_up) only runs inside mlp");
+    }
+    Ok(())
+}
+
 /// The int8 linear of per-token activations: `w_q` `[N, K]`, per-channel `scale`, input rotation
 /// by Hadamard blocks of `hadamard` (0: none); with `swiglu` packed as a gated gate/up projection.
 fn per_token_linear(
@@ -215,9 +224,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &CpuLinear) -> Result<Tensor> {
-        if w.is_gated() {
-            bail!("cpu: a gated gate/up projection (prepare_gate_up) only runs inside mlp");
-        }
+        reject_gated(w)?;
         match w {
             CpuLinear::Float(l) => l.forward(x),
             CpuLinear::Int8Weight(l) => l.forward(x),
@@ -329,9 +336,7 @@ impl Backend for CpuBackend {
         eps: f64,
         w: &CpuLinear,
     ) -> Result<(Tensor, Tensor)> {
-        if w.is_gated() {
-            bail!("cpu: a gated gate/up projection (prepare_gate_up) only runs inside mlp");
-        }
+        reject_gated(w)?;
         match int8_norm_front(x, residual, gamma, eps, w)? {
             Some(fused) => Ok(fused),
             None => {

@@ -204,6 +204,13 @@ fn run_block(
     }
 }
 
+/// One accumulator as every f32 epilogue dequantizes it: `(acc + bias) as f32 * deq`, then
+/// `* row_scale` when given (the AVX-512 `simd::dequantize_row` computes the same).
+fn dequantize_value(acc: i32, bias: i32, deq: f32, row_scale: Option<f32>) -> f32 {
+    let y = acc.wrapping_add(bias) as f32 * deq;
+    row_scale.map_or(y, |s| y * s)
+}
+
 /// Writes `mr` rows of a block to the output (valid channels only), adding the bias and,
 /// for the f32 sink, multiplying by `deq_scale` (and the row's scale when given).
 fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, sink: Sink<'_>) {
@@ -251,10 +258,7 @@ fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, si
                 // SAFETY: as above (row r0 + r, channels n0..n0 + cols, exclusive).
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((r0 + r) * n + n0), cols) };
                 for c in 0..cols {
-                    dst[c] = acc_row[c].wrapping_add(bias[c]) as f32 * deq[c];
-                }
-                if let Some(s) = row_scale {
-                    dst.iter_mut().for_each(|v| *v *= s[r]);
+                    dst[c] = dequantize_value(acc_row[c], bias[c], deq[c], row_scale.map(|s| s[r]));
                 }
             }
         }
@@ -265,7 +269,7 @@ fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, si
             let half = PAIR / 2;
             // SAFETY: rows r0..r0 + mr < m and columns n0 / 2..n0 / 2 + 16 <= width lie inside
             // the m x width output; this task is the only writer of this (rows, pair) block.
-            let dst = unsafe { out.0.add(r0 * width + n0 / 2) };
+            let dst = unsafe { out.add(r0 * width + n0 / 2) };
             #[cfg(target_arch = "x86_64")]
             if let Some(isa) = crate::kernel::simd::Avx512::detect() {
                 // SAFETY: as above; bias and deq hold 32 values, row_scale mr.
@@ -275,10 +279,7 @@ fn store(acc: &AccTile, mr: usize, r0: usize, n0: usize, args: &GemmArgs<'_>, si
             for (r, acc_row) in acc.iter().enumerate().take(mr) {
                 // SAFETY: as above (row r0 + r, 16 columns, exclusive).
                 let dst = unsafe { std::slice::from_raw_parts_mut(dst.add(r * width), half) };
-                let dequant = |c: usize| {
-                    let y = acc_row[c].wrapping_add(bias[c]) as f32 * deq[c];
-                    row_scale.map_or(y, |s| y * s[r])
-                };
+                let dequant = |c: usize| dequantize_value(acc_row[c], bias[c], deq[c], row_scale.map(|s| s[r]));
                 for (c, y) in dst.iter_mut().enumerate() {
                     *y = crate::swiglu::silu_mul(dequant(c), dequant(half + c));
                 }

@@ -109,6 +109,24 @@ fn quantize16(v: __m512) -> __m128i {
     _mm512_cvtepi32_epi8(_mm512_maskz_cvttps_epi32(ordered, r))
 }
 
+/// One accumulator row of a block as every f32 epilogue dequantizes it: `(acc + bias) as f32 *
+/// deq`, then `* row_scale` when given (two multiplications, never fused), 32 channels as two
+/// vectors.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn dequantize_row(row: &[i32; 32], bias: [__m512i; 2], deq: [__m512; 2], row_scale: Option<f32>) -> [__m512; 2] {
+    std::array::from_fn(|h| {
+        // SAFETY: `row` holds 32 i32, so lanes 16h..16h + 16 are readable.
+        let a = unsafe { _mm512_loadu_si512(row.as_ptr().add(16 * h).cast()) };
+        let y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, bias[h])), deq[h]);
+        match row_scale {
+            Some(rs) => _mm512_mul_ps(y, _mm512_set1_ps(rs)),
+            None => y,
+        }
+    })
+}
+
 /// The SwiGLU epilogue of a gated linear's block (see `QuantLinear::new_swiglu`): channels
 /// 0..16 of `acc` are gate channels and 16..32 the matching up channels; for the first `rows`
 /// rows, `out[r * ldy + c] = silu(g) * u` for `c < 16`, where `g` and `u` are dequantized
@@ -146,14 +164,7 @@ pub(super) unsafe fn dequantize_swiglu_block(
         // SAFETY: `row` is 32 i32; the store writes the 16 f32 of output row r that the caller
         // guarantees writable and exclusively ours.
         unsafe {
-            let a0 = _mm512_loadu_si512(row.as_ptr().cast());
-            let a1 = _mm512_loadu_si512(row.as_ptr().add(16).cast());
-            let mut gate = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, b0)), s0);
-            let mut up = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a1, b1)), s1);
-            if let Some(s) = row_scale {
-                let rs = _mm512_set1_ps(s[r]);
-                (gate, up) = (_mm512_mul_ps(gate, rs), _mm512_mul_ps(up, rs));
-            }
+            let [gate, up] = dequantize_row(row, [b0, b1], [s0, s1], row_scale.map(|s| s[r]));
             _mm512_storeu_ps(out.add(r * ldy), crate::swiglu::swiglu16(gate, up));
         }
     }
@@ -196,15 +207,8 @@ pub(super) unsafe fn dequantize_block(
         // SAFETY: `row` is 32 i32; the stores are masked to columns < cols of output row r,
         // which the caller guarantees writable and exclusively ours.
         unsafe {
-            let a0 = _mm512_loadu_si512(row.as_ptr().cast());
-            let a1 = _mm512_loadu_si512(row.as_ptr().add(16).cast());
             let dst = out.add(r * ldy);
-            let mut y0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, b0)), s0);
-            let mut y1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a1, b1)), s1);
-            if let Some(s) = row_scale {
-                let rs = _mm512_set1_ps(s[r]);
-                (y0, y1) = (_mm512_mul_ps(y0, rs), _mm512_mul_ps(y1, rs));
-            }
+            let [y0, y1] = dequantize_row(row, [b0, b1], [s0, s1], row_scale.map(|s| s[r]));
             _mm512_mask_storeu_ps(dst, m0, y0);
             _mm512_mask_storeu_ps(dst.add(16), m1, y1);
         }
