@@ -4,7 +4,12 @@
 //! weight bytes read (int8: N*K bytes; f32: 4*N*K bytes). Calls of more than one row also run the
 //! other fast kernel (AMX or AVX-512 VNNI, whichever is not the default for that row count), forced.
 //!
-//! `cargo run --release -p candle-ascend-ops --example quant_bench [prefill|decode]`
+//! `stream` instead runs a whole decode pass of batch-1 int8 GEMVs shaped like SmolLM2-135M's
+//! (30 layers of qkv, o, gate/up, down, then lm_head: 134 MB of weights, far past L2) and one
+//! GEMV of the same bytes against the read-bandwidth probe (`xtask bench`'s decode floor) over a
+//! buffer that size, interleaved, on 2 threads.
+//!
+//! `cargo run --release -p candle-ascend-ops --example quant_bench [prefill|decode|stream]`
 
 use std::time::Duration;
 
@@ -38,6 +43,9 @@ fn main() -> Result<()> {
         (512, 4864, 896),
     ];
     let only = std::env::args().nth(1);
+    if only.as_deref() == Some("stream") {
+        return stream_pass(&mut rng);
+    }
     let shapes: Vec<_> = shapes
         .into_iter()
         .filter(|&(m, _, _)| match only.as_deref() {
@@ -95,4 +103,62 @@ fn main() -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// One batch-1 pass over SmolLM2-135M-shaped int8 linears, and one linear of the same bytes,
+/// against `stream_sum` over a buffer that size, alternating, 2 threads: how close the GEMVs
+/// come to the read bandwidth, and what splitting the bytes into a model's calls costs.
+fn stream_pass(rng: &mut Rng) -> Result<()> {
+    let (h, i, layers, vocab) = (576, 1536, 30, 49152);
+    let mut shapes = Vec::new();
+    for _ in 0..layers {
+        shapes.extend([(h, 960), (h, h), (h, 2 * i), (i, h)]);
+    }
+    shapes.push((h, vocab));
+    let linears: Vec<(QuantLinear, candle_core::Tensor)> = shapes
+        .iter()
+        .map(|&(k, n)| {
+            let wq: Vec<i8> = (0..n * k).map(|_| rng.next_u64() as i8).collect();
+            let layer = QuantLinear::new(&wq, &vec![3; n], &vec![1e-4; n])?;
+            Ok((layer, rng.tensor(&[1, k], -1.0, 1.0, DType::F32)?))
+        })
+        .collect::<Result<_>>()?;
+    let bytes: usize = shapes.iter().map(|&(k, n)| k * n).sum();
+    let buf = vec![1f32; bytes / 4];
+    let fat_n = bytes / h / 32 * 32;
+    let fat = QuantLinear::new(
+        &(0..fat_n * h).map(|_| rng.next_u64() as i8).collect::<Vec<_>>(),
+        &vec![3; fat_n],
+        &vec![1e-4; fat_n],
+    )?;
+    let fat_x = rng.tensor(&[1, h], -1.0, 1.0, DType::F32)?;
+    let pool =
+        rayon::ThreadPoolBuilder::new().num_threads(2).build().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    pool.install(|| -> Result<()> {
+        for round in 0..5 {
+            let pass = || -> Result<()> {
+                for (layer, x) in &linears {
+                    layer.forward(x, 40.0, 2.0)?;
+                }
+                Ok(())
+            };
+            let t_gemv = median(pass, 15)?;
+            let t_stream = median(|| Ok(candle_ascend_ops::kernel::stream::stream_sum(&buf)), 15)?;
+            let t_fat = median(|| fat.forward(&fat_x, 40.0, 2.0), 15)?;
+            let gbs = |t: Duration| bytes as f64 / t.as_secs_f64() / 1e9;
+            let over_stream = |t: Duration| t.as_secs_f64() / t_stream.as_secs_f64();
+            println!(
+                "round {round}: {:.0} MB | stream {:5.1} GB/s | pass of {} GEMVs {:5.1} GB/s, x{:.2} the stream's time | \
+                 one GEMV of the same bytes {:5.1} GB/s, x{:.2}",
+                bytes as f64 / 1e6,
+                gbs(t_stream),
+                linears.len(),
+                gbs(t_gemv),
+                over_stream(t_gemv),
+                gbs(t_fat),
+                over_stream(t_fat)
+            );
+        }
+        Ok(())
+    })
 }

@@ -18,6 +18,12 @@ pub(crate) type AccTile = [[i32; PAIR]; ROW_TILE];
 pub(crate) const DECODE_ROWS: usize = 16;
 /// Rows up to which an AMX call uses the 16-row tile ([`amx::tile16`]) instead of 32-row blocks.
 pub(crate) const AMX_DECODE_ROWS: usize = 16;
+/// Decode calls are cut into this many contiguous channel ranges per thread: each task streams
+/// its weights in one run, and the spare task per thread still lets an idle thread take over a
+/// slowed one's second half. Measured on a SmolLM2-shaped pass of batch-1 GEMVs over 134 MB
+/// (`quant_bench stream`, 2 threads): 1.18x the read probe's time with 2 tasks per thread
+/// against 1.27x with 8 (more, shorter runs restart the prefetchers and add steals).
+const DECODE_TASKS_PER_THREAD: usize = 2;
 /// Rows of one prefill task: one 32-row block, whose activations (32 x K bytes) stay in L1
 /// while the task streams its group of weight pairs from L2 (measured faster than taller row
 /// blocks, where activations and weights evict each other from L1).
@@ -102,7 +108,7 @@ pub(crate) fn gemm(x: &StagedActivations, args: &GemmArgs<'_>, sink: Sink<'_>) {
         run_block(x, args, sink, rows, pair_range);
     };
     if m <= DECODE_ROWS {
-        let chunk = pairs.div_ceil(threads * 8).max(1);
+        let chunk = pairs.div_ceil(threads * DECODE_TASKS_PER_THREAD).max(1);
         let tasks = pairs.div_ceil(chunk);
         if tasks <= 1 || m * args.n * args.k < 64 * 1024 {
             run(0..m, 0..pairs);
