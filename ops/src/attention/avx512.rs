@@ -289,10 +289,10 @@ fn scores_tile<const R: usize>(q: &[f32], d: usize, kt: &[f32], ldk: usize, ncol
     }
 }
 
-/// Scores of R query rows against `nkeys` row-major keys, 16 keys at a time: for one query
-/// row, 16 per-key partial-sum vectors are folded into one vector of 16 scores by
-/// [`reduce16`] (2 shuffles and 1 add per key instead of a full horizontal sum each).
-/// The query row (`DC` = d / 16 vectors) stays in registers across the 16 keys.
+/// Scores of R query rows against `nkeys` row-major keys, 16 keys at a time: each key is loaded
+/// (and widened from its storage dtype) once for all R rows, each (row, key) partial-sum vector
+/// is a chain of `DC` = d / 16 FMAs, and a row's 16 vectors are folded into one vector of 16
+/// scores by [`reduce16`] (2 shuffles and 1 add per key instead of a full horizontal sum each).
 #[target_feature(enable = "avx512f")]
 fn dot_tile<E: Lanes, const R: usize, const DC: usize>(
     q: &[f32],
@@ -306,28 +306,31 @@ fn dot_tile<E: Lanes, const R: usize, const DC: usize>(
     assert!(q.len() >= R * d);
     assert!(nkeys == 0 || (k.len() >= (nkeys - 1) * ldk + d && out.len() >= (R - 1) * ldo + nkeys));
     let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
+    let mut parts = [[_mm512_setzero_ps(); 16]; R];
     for j in (0..nkeys).step_by(16) {
         let count = (nkeys - j).min(16);
-        for r in 0..R {
-            let mut qr = [_mm512_setzero_ps(); DC];
-            for (c, qv) in qr.iter_mut().enumerate() {
-                // SAFETY: r*d + 16c + 16 <= R*d <= q.len().
-                *qv = unsafe { _mm512_loadu_ps(qp.add(r * d + 16 * c)) };
+        for kk in 0..count {
+            let row = (j + kk) * ldk;
+            let mut key = [_mm512_setzero_ps(); DC];
+            for (c, kv) in key.iter_mut().enumerate() {
+                // SAFETY: j + kk < nkeys, so row + 16c + 16 <= (nkeys-1)*ldk + d <= k.len().
+                *kv = unsafe { E::load16(kp.add(row + 16 * c)) };
             }
-            let mut parts = [_mm512_setzero_ps(); 16];
-            for (kk, part) in parts.iter_mut().enumerate().take(count) {
-                let row = (j + kk) * ldk;
+            for (r, rows) in parts.iter_mut().enumerate() {
                 let mut acc = _mm512_setzero_ps();
-                for (c, qv) in qr.iter().enumerate() {
-                    // SAFETY: j + kk < nkeys, so row + 16c + 16 <= (nkeys-1)*ldk + d <= k.len().
-                    acc = _mm512_fmadd_ps(*qv, unsafe { E::load16(kp.add(row + 16 * c)) }, acc);
+                for (c, kv) in key.iter().enumerate() {
+                    // SAFETY: r*d + 16c + 16 <= R*d <= q.len().
+                    acc = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(qp.add(r * d + 16 * c)) }, *kv, acc);
                 }
-                *part = acc;
+                rows[kk] = acc;
             }
-            let mask = lanes_below(count, 0);
+        }
+        let mask = lanes_below(count, 0);
+        for (r, rows) in parts.iter_mut().enumerate() {
+            // Lanes past `count` come from stale vectors and are not stored.
             // SAFETY: only lanes < count are written: r*ldo + j + count <= (R-1)*ldo + nkeys
             // <= out.len().
-            unsafe { _mm512_mask_storeu_ps(op.add(r * ldo + j), mask, reduce16(&parts)) };
+            unsafe { _mm512_mask_storeu_ps(op.add(r * ldo + j), mask, reduce16(rows)) };
         }
     }
 }
