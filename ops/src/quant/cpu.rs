@@ -21,8 +21,9 @@ pub(crate) const AMX_DECODE_ROWS: usize = 16;
 /// Decode calls are cut into this many contiguous channel ranges per thread: each task streams
 /// its weights in one run, and the spare task per thread still lets an idle thread take over a
 /// slowed one's second half. Measured on a SmolLM2-shaped pass of batch-1 GEMVs over 134 MB
-/// (`quant_bench stream`, 2 threads): 1.18x the read probe's time with 2 tasks per thread
-/// against 1.27x with 8 (more, shorter runs restart the prefetchers and add steals).
+/// (`quant_bench stream`, 2 threads, medians of 5 interleaved runs): 1.19x the read probe's
+/// time with 2 tasks per thread against 1.28x with 8 (more, shorter runs restart the
+/// prefetchers and add steals).
 const DECODE_TASKS_PER_THREAD: usize = 2;
 /// Rows of one prefill task: one 32-row block, whose activations (32 x K bytes) stay in L1
 /// while the task streams its group of weight pairs from L2 (measured faster than taller row
