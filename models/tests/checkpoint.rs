@@ -1,5 +1,6 @@
 //! Quantized checkpoints: quantize, save, load and get bit-identical logits; damaged or
-//! mismatched checkpoints are clear errors that name what is wrong.
+//! mismatched checkpoints are clear errors that name what is wrong. Also: quantized decode
+//! gives the same logits on one and two threads.
 
 use candle_ascend_models::backend::Backend;
 use candle_ascend_models::model::{HostLinear, PreparedModel};
@@ -54,6 +55,24 @@ fn run(model: &PreparedModel) -> Vec<Tensor> {
 
 fn bits(t: &Tensor) -> Vec<u32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+/// Decode on a two-thread pool runs the CPU backend's attention sub-layer with a helper
+/// thread reading `o_proj`'s weights meanwhile (and yielding to the attention's own tasks);
+/// the logits must be exactly those of a one-thread pool, where it does not.
+#[test]
+fn quantized_decode_logits_do_not_depend_on_the_pool_size() {
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let model = quantized(arch, "a8w8c8");
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| run(&model))
+        };
+        let (one, two) = (on(1), on(2));
+        for (step, (x, y)) in one.iter().zip(&two).enumerate() {
+            assert_eq!(bits(x), bits(y), "{arch:?}: step {step} logits differ between one and two threads");
+        }
+    }
 }
 
 #[test]

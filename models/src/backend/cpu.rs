@@ -1,7 +1,9 @@
 //! The CPU backend: candle CPU tensors, packed f32 linears, and the fused CPU kernels of
 //! `candle-ascend-ops`.
 
-use super::{Backend, LinearWeights, StepPlan};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{AttentionStep, Backend, LinearWeights, StepPlan, attention_heads};
 use crate::model::KvQuant;
 use candle_ascend_ops as ops;
 use candle_core::{DType, Device, Result, Tensor, bail};
@@ -292,6 +294,52 @@ impl Backend for CpuBackend {
             }
         };
         out.reshape((b, s, nq * d))
+    }
+
+    /// In decode, with an int8 `o_proj` and a second pool thread, that thread pulls `o_proj`'s
+    /// weights into its caches while the calling thread runs the (serial) RoPE, cache write and
+    /// attention; it stops as soon as the attention is done. The projection then reads part of
+    /// its weights from cache instead of memory (SmolLM2-135M a8w8c8, batch 1: about 3% off
+    /// the step time, steps with and without it interleaved).
+    fn attention_sublayer(
+        &self,
+        qkv: &Tensor,
+        step: &AttentionStep<'_, Self>,
+        cache: &mut CpuKvCache,
+        o_proj: &CpuLinear,
+    ) -> Result<Tensor> {
+        let int8 = match o_proj {
+            CpuLinear::Int8 { linear, .. } | CpuLinear::Int8PerToken { linear, .. } => Some(linear),
+            _ => None,
+        };
+        let Some(linear) = int8.filter(|_| step.plan.is_decode() && rayon::current_num_threads() > 1) else {
+            return self.linear(&attention_heads(self, qkv, step, cache)?, o_proj);
+        };
+        let done = AtomicBool::new(false);
+        let caller = rayon::current_thread_index();
+        let (attn, ()) = rayon::join(
+            || {
+                let attn = attention_heads(self, qkv, step, cache);
+                done.store(true, Ordering::Relaxed);
+                attn
+            },
+            // Not stolen before the attention finished: the caller runs it, and skips it.
+            || {
+                if rayon::current_thread_index() != caller {
+                    let mut pages = 0usize;
+                    linear.warm_weights(&mut || {
+                        // Every 32 KiB, run any task the attention left for the pool (a long
+                        // or batched decode attention is parallel).
+                        pages += 1;
+                        if pages.is_multiple_of(8) {
+                            rayon::yield_now();
+                        }
+                        !done.load(Ordering::Relaxed)
+                    });
+                }
+            },
+        );
+        self.linear(&attn?, o_proj)
     }
 
     fn swiglu(&self, x: &Tensor) -> Result<Tensor> {

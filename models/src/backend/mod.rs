@@ -32,6 +32,38 @@ pub struct StepPlan<'a> {
     pub lens: &'a [usize],
 }
 
+/// What the attention sub-layer of one decoder layer needs besides its q/k/v projection
+/// output, its cache and its output projection.
+pub struct AttentionStep<'a, B: Backend> {
+    pub plan: &'a StepPlan<'a>,
+    /// This step's positions, as uploaded with its other indices (see [`Backend::kv_write`]).
+    pub starts: &'a B::Indices,
+    /// RoPE tables gathered at this step's positions, `[B, S, D]`.
+    pub cos: &'a B::Tensor,
+    pub sin: &'a B::Tensor,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Softmax scale of the scores.
+    pub scale: f32,
+}
+
+/// The attention sub-layer up to its output projection: the q/k/v projection output
+/// `[B, S, (nq + 2 nkv) D]` split into heads, RoPE on q and k, the cache write and the
+/// attention, `[B, S, nq D]`.
+pub fn attention_heads<B: Backend>(
+    be: &B,
+    qkv: &B::Tensor,
+    step: &AttentionStep<'_, B>,
+    cache: &mut B::KvCache,
+) -> Result<B::Tensor> {
+    let (q, k, v) = be.split_qkv(qkv, step.num_heads, step.num_kv_heads, step.head_dim)?;
+    let q = be.rope(&q, step.cos, step.sin)?;
+    let k = be.rope(&k, step.cos, step.sin)?;
+    be.kv_write(cache, &k, &v, step.plan, step.starts)?;
+    be.attention(&q, cache, step.plan, step.scale)
+}
+
 impl StepPlan<'_> {
     /// True when every sequence feeds exactly one token (the decode regime).
     pub fn is_decode(&self) -> bool {
@@ -165,6 +197,17 @@ pub trait Backend: Send + Sync + Sized {
         plan: &StepPlan<'_>,
         scale: f32,
     ) -> Result<Self::Tensor>;
+    /// The whole attention sub-layer: [`attention_heads`], then the output projection
+    /// `o_proj`, `[B, S, H]`.
+    fn attention_sublayer(
+        &self,
+        qkv: &Self::Tensor,
+        step: &AttentionStep<'_, Self>,
+        cache: &mut Self::KvCache,
+        o_proj: &Self::Linear,
+    ) -> Result<Self::Tensor> {
+        self.linear(&attention_heads(self, qkv, step, cache)?, o_proj)
+    }
     /// silu(first half) * second half over the last dimension.
     fn swiglu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// `linear(swiglu(x), w)` (the MLP's down projection); a backend may fuse the two so the

@@ -22,7 +22,7 @@ pub use prepared::{HostLinear, KvQuant, PreparedLayer, PreparedModel};
 
 pub use rope::rope_tables;
 
-use crate::backend::{Backend, StepPlan};
+use crate::backend::{AttentionStep, Backend, StepPlan};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
@@ -376,6 +376,16 @@ impl<B: Backend> Transformer<B> {
             Embedding::Int8Rows(rows) => be.gather_linear_rows(rows, &ids, batch, seq_len)?,
             Embedding::LmHead => be.gather_linear_rows(&self.lm_head, &ids, batch, seq_len)?,
         };
+        let step = AttentionStep {
+            plan: &plan,
+            starts: &starts,
+            cos: &cos,
+            sin: &sin,
+            num_heads: nq,
+            num_kv_heads: nkv,
+            head_dim: d,
+            scale,
+        };
         // The previous layer's MLP output, added to the residual stream by the next pre-norm
         // (fused with the projection after it where the backend can).
         let mut mlp_out: Option<B::Tensor> = None;
@@ -388,12 +398,7 @@ impl<B: Backend> Transformer<B> {
                     qkv
                 }
             };
-            let (q, k, v) = be.split_qkv(&qkv, nq, nkv, d)?;
-            let q = be.rope(&q, &cos, &sin)?;
-            let k = be.rope(&k, &cos, &sin)?;
-            be.kv_write(cache, &k, &v, &plan, &starts)?;
-            let attn = be.attention(&q, cache, &plan, scale)?;
-            let attn_out = be.linear(&attn, &layer.o_proj)?;
+            let attn_out = be.attention_sublayer(&qkv, &step, cache, &layer.o_proj)?;
             let (out, sum) = be.add_rms_norm_mlp(
                 &attn_out,
                 &residual,

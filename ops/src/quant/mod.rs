@@ -463,6 +463,27 @@ impl QuantLinear {
         if self.swiglu { self.out_features / 2 } else { self.out_features }
     }
 
+    /// Reads the packed weights into this core's caches, one cache line at a time, the second
+    /// half first (the part a helper thread takes in a call's two-way split), then the first;
+    /// `keep_going` is asked before every 4 KiB and ends the walk when it returns false. Run
+    /// by an idle thread while another does the serial work before this linear's call, so
+    /// that the call reads part of its weights from cache instead of memory.
+    pub fn warm_weights(&self, keep_going: &mut dyn FnMut() -> bool) {
+        let data = self.weights.data.as_slice();
+        let half = data.len() / 2 / 4096 * 4096;
+        for range in [half..data.len(), 0..half] {
+            for page in data[range].chunks(4096) {
+                if !keep_going() {
+                    return;
+                }
+                for line in page.chunks(64) {
+                    // SAFETY: reading one byte of a live slice.
+                    unsafe { std::ptr::read_volatile(line.as_ptr()) };
+                }
+            }
+        }
+    }
+
     /// Whether this is a gated linear ([`new_swiglu`](Self::new_swiglu)).
     pub fn is_swiglu(&self) -> bool {
         self.swiglu
