@@ -557,3 +557,26 @@ fn add_rms_norm_front_end_is_add_rms_norm_then_forward() -> Result<()> {
     assert!(err.unwrap_err().to_string().contains("residual"));
     Ok(())
 }
+
+#[test]
+fn warm_weights_walks_every_page_and_stops_when_asked() -> Result<()> {
+    // 100 x 576 int8 weights pack to 128 channels x 576 bytes: 72 KiB, 18 pages of 4 KiB.
+    let (n, k) = (100, 576);
+    let wq: Vec<i8> = (0..n * k).map(|i| (i % 251) as i8).collect();
+    let layer = QuantLinear::new(&wq, &vec![0; n], &vec![1.0; n])?;
+    let pages = layer.weights.data.as_slice().len().div_ceil(4096);
+    assert!(pages > 3);
+    let mut asked = 0;
+    layer.warm_weights(&mut || {
+        asked += 1;
+        true
+    });
+    assert_eq!(asked, pages, "one question per 4 KiB page");
+    let mut asked = 0;
+    layer.warm_weights(&mut || {
+        asked += 1;
+        asked < 3
+    });
+    assert_eq!(asked, 3, "the walk ends at the first `false`");
+    Ok(())
+}
