@@ -13,10 +13,11 @@
 //! Scale and offset are applied once per output channel in the epilogue:
 //! `sum_k x[k] * (w[k] + o) * s = s * (sum_k x[k] * w[k] + o * sum_k x[k])`.
 //!
-//! Where the OS grants AMX, symmetric weights default to [`Activations::Int16`] instead: the
-//! weight is packed in the int8 kernels' layout and each activation row is quantized to int16 at
-//! run time and multiplied exactly in integers (`quant::a16`); the result then differs from the
-//! f32 form by the activation rounding alone (at most `max|x[t]| / 65534` per element).
+//! On CPUs with int8 kernels (AMX tiles or AVX-512 VNNI), symmetric weights default to
+//! [`Activations::Int16`] instead: the weight is packed in the int8 kernels' layout and each
+//! activation row is quantized to int16 at run time and multiplied exactly in integers
+//! (`quant::a16`); the result then differs from the f32 form by the activation rounding alone
+//! (at most `max|x[t]| / 65534` per element).
 //!
 //! [`rtn_quantize_weight`] makes symmetric per-channel weights from a float matrix
 //! (round-to-nearest); [`weight_quant_linear_reference`] is the f32 oracle from candle ops.
@@ -68,11 +69,16 @@ pub enum Activations {
 }
 
 impl Activations {
-    /// The default for symmetric weights on this machine: `Int16` where the OS grants AMX
-    /// (`tdpbssd`/`tdpbusd` beat f32 FMA from 9 rows up and match it on bandwidth-bound GEMVs),
-    /// else `Float`.
+    /// The default for symmetric weights on this machine: `Int16` where an int8 kernel runs
+    /// (AMX: `tdpbssd`/`tdpbusd` beat f32 FMA from 9 rows up and match it on bandwidth-bound
+    /// GEMVs; AVX-512 VNNI without AMX: two `vpdpbusd` per 64 products still beat widened-f32
+    /// FMA, SmolLM2's lm_head at 16 rows 6.3 -> 3.3 ms, see `weight_quant_bench`), else `Float`.
     pub fn detect() -> Self {
-        if crate::QuantKernel::Amx.is_available() { Self::Int16 } else { Self::Float }
+        if crate::QuantKernel::Amx.is_available() || crate::QuantKernel::Vnni.is_available() {
+            Self::Int16
+        } else {
+            Self::Float
+        }
     }
 }
 
